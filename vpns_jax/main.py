@@ -1,0 +1,92 @@
+"""Entry point: `python -m vpns_jax.main --config configs/<file>.py[:args] --workdir DIR [--config.x=v]`.
+
+Only flags, platform set-up and dispatch live here; the work is in `vpns_jax.experiment`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vpns_jax.errors import VpnsError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file: configs/<file>.py[:args]; fields can be overridden with --config.x=v.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config, checkpoints (a rerun resumes), results.json, plots.")
+
+
+def setup_platform(compilation_cache: str, distributed: bool) -> None:
+    """Persistent compilation cache and (multi-host) distributed initialisation."""
+    import jax
+
+    if compilation_cache != "off":
+        path = compilation_cache or os.path.expanduser("~/.cache/vpns_jax/jax_cache")
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from vpns_jax import parallel
+
+    parallel.initialize_distributed(distributed or os.environ.get("VPNS_DISTRIBUTED") == "1")
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required: the run's directory (a rerun resumes there)")
+    config = _CONFIG.value
+    setup_platform(config.compilation_cache, config.distributed)
+    from vpns_jax import experiment
+
+    experiment.run(config, _WORKDIR.value)
+
+
+def _user_error(exc: BaseException) -> VpnsError | None:
+    """The `VpnsError` behind `exc` (config files raise it inside flag parsing), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, VpnsError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _last_user_message(text: str) -> str | None:
+    """config_flags re-raises a config file's error as formatted text: recover its message."""
+    found = re.findall(r"vpns_jax\.errors\.\w+: (.*)", text)
+    return found[-1] if found else None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        cause = _user_error(e)
+        text = str(cause if cause is not None else e)
+        message = _last_user_message(text) or text
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console entry: user errors print one clear message instead of a traceback."""
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except VpnsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

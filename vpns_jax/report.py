@@ -1,0 +1,112 @@
+"""Results of a run: `results.json`, per-layer sparsity files, the printed table and the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: float,
+               actual_sparsity: float, accuracy: float, accuracy_with_prompt: float | None,
+               accuracy_without_prompt: float, epochs: dict[str, int], gradient_steps: int,
+               seconds: float) -> dict[str, Any]:
+    """One row of `results.json` (accuracies as fractions in [0, 1])."""
+    return {
+        "method": method, "arch": arch, "dataset": dataset, "seed": seed,
+        "sparsity": float(sparsity), "actual_sparsity": float(actual_sparsity),
+        "accuracy": float(accuracy),
+        "accuracy_with_prompt": None if accuracy_with_prompt is None else float(accuracy_with_prompt),
+        "accuracy_without_prompt": float(accuracy_without_prompt),
+        "epochs": dict(epochs), "gradient_steps": int(gradient_steps), "seconds": float(seconds),
+    }
+
+
+def load_results(workdir: str) -> dict[str, Any]:
+    """The workdir's results so far (`{'runs': [], 'dense': None}` when there are none)."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return {"runs": [], "dense": None}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(workdir: str, results: dict[str, Any]) -> str:
+    """Write `results.json` atomically; returns its path."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def add_run(results: dict[str, Any], record: dict[str, Any]) -> None:
+    """Insert or replace the row with the same method, seed and sparsity; dense also fills 'dense'."""
+    key = (record["method"], record["seed"], record["sparsity"])
+    results["runs"] = [r for r in results["runs"]
+                       if (r["method"], r["seed"], r["sparsity"]) != key] + [record]
+    if record["method"] == "dense":
+        results["dense"] = {"accuracy": record["accuracy"],
+                            "accuracy_with_prompt": record["accuracy_with_prompt"]}
+
+
+def save_layer_sparsity(workdir: str, method: str, sparsity: float,
+                        summary: dict[str, Any]) -> str:
+    """Per-layer sparsity of one run as `sparsity/<method>_<sparsity>.json`."""
+    directory = os.path.join(workdir, "sparsity")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{method}_{sparsity:g}.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return path
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of the runs (accuracies in %)."""
+    header = ("method", "sparsity", "actual", "acc %", "acc+VP %", "epochs", "steps", "time s")
+    rows = [header]
+    for r in sorted(runs, key=lambda r: (r["method"] != "dense", r["method"], r["sparsity"])):
+        epochs = "+".join(str(v) for v in r["epochs"].values())
+        rows.append((r["method"], f"{r['sparsity']:.2f}", f"{r['actual_sparsity']:.4f}",
+                     _pct(r["accuracy"]), _pct(r["accuracy_with_prompt"]), epochs,
+                     str(r["gradient_steps"]), f"{r['seconds']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_accuracy(workdir: str, results: dict[str, Any]) -> str | None:
+    """Accuracy against sparsity per method (dense as a line); returns the PNG path or None."""
+    runs = [r for r in results["runs"] if r["method"] != "dense"]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for method in sorted({r["method"] for r in runs}):
+        pts = sorted((r["sparsity"], r["accuracy"]) for r in runs if r["method"] == method)
+        ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=method)
+    if results.get("dense"):
+        ax.axhline(100 * results["dense"]["accuracy"], color="gray", ls="--", label="dense")
+    first = runs[0]
+    ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)",
+           title=f"{first['arch']} on {first['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "accuracy_vs_sparsity.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
