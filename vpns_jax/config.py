@@ -95,6 +95,16 @@ def default_config() -> mlc.ConfigDict:
         "tuning": _stage(60, "sgd", 0.01, 0.0),
     })
     c.dense = _stage(30, "sgd", 0.01, 0.01)  # dense fine-tuning, the reference point
+    # Offline proxy source model: when `proxy.dataset` is set and `weights` does not exist yet, a model is
+    # trained from scratch on that dataset and saved to `weights` (default: WORKDIR/proxy_<arch>.safetensors)
+    # in the same format as converted ImageNet weights; the rest of the run cannot tell the difference.
+    c.proxy = mlc.ConfigDict({
+        "dataset": "",
+        "epochs": 2,
+        "lr": 0.05,
+        "batch_size": 128,
+        "steps_per_epoch": 0,
+    })
     c.steps_per_epoch = 0  # 0 = the whole training split; >0 caps iterations per epoch (quick runs)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 1
@@ -240,14 +250,21 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
               f"a size <= prompt.output_size ({out}); the prompt pads the image up to output_size")
     if 2 * pad > out:
         _fail("prompt.pad_size", pad, f"at most prompt.output_size / 2 = {out // 2}")
-    if config.prompt.mask_size > out:
+    if config.prompt.method in ("fix", "random") and config.prompt.mask_size > out:
         _fail("prompt.mask_size", config.prompt.mask_size, f"at most prompt.output_size = {out}")
     for prefix in ("mask_finding", "tuning", "hydra.mask_finding", "hydra.tuning", "dense"):
         _validate_stage(config, prefix)
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_epochs")
-    if not str(config.weights).strip():
+    if config.proxy.dataset:
+        if known_datasets is not None:
+            _one_of(config, "proxy.dataset", known_datasets)
+        _positive_int(config, "proxy.epochs")
+        _positive_float(config, "proxy.lr")
+        _positive_int(config, "proxy.batch_size")
+        _positive_int(config, "proxy.steps_per_epoch", allow_zero=True)
+    elif not str(config.weights).strip():
         _fail("weights", config.weights,
               "the path of a weights file in the project's format; make one from torchvision's "
               "ImageNet weights with `python -m vpns_jax.weights convert --arch ARCH --src FILE.pth "
