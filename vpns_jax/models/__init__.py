@@ -1,0 +1,58 @@
+"""Model registry: torchvision-compatible ResNet and VGG in Flax Linen (NHWC, pure, no pruning)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vpns_jax.models.resnet import resnet18, resnet34, resnet50
+from vpns_jax.models.vgg import vgg16, vgg16_bn
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "vgg16": vgg16,
+    "vgg16_bn": vgg16_bn,
+}
+ARCHS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
+           dtype: Any = jnp.float32) -> nn.Module:
+    """Build architecture `name` (one of `ARCHS`); defaults are exactly torchvision's.
+
+    width: multiplier on every conv/hidden width (rounded, ≥1). small_input: ResNet 3×3/1 stem
+    without max-pool (VGG unchanged). dtype: computation dtype (params stay float32).
+    Call: `model.apply(v, x, train=False)` or `model.apply(v, x, train=True, mutable=['batch_stats'])`.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(ARCHS)}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+    return _BUILDERS[name](num_classes=int(num_classes), width=float(width),
+                           small_input=bool(small_input), dtype=dtype)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:
+    """Initialize `{'params', 'batch_stats'}` with a [1, input_size, input_size, 3] dummy input.
+
+    Pure (works under `jax.jit` / `jax.eval_shape` with `model` and `input_size` static). Models without
+    BN get `batch_stats = {}`.
+    """
+    x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+    variables = model.init({"params": rng}, x, train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def param_count(params: Any) -> int:
+    """Number of scalars in a params tree (arrays or ShapeDtypeStructs)."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+__all__ = ["ARCHS", "create", "init_variables", "param_count"]

@@ -1,0 +1,94 @@
+"""Layers with PyTorch semantics: BatchNorm, convolution/dense with torchvision's init, adaptive pooling."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# torchvision ResNet/VGG conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight.
+linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count under a width multiplier: round(channels·width), at least 1."""
+    return max(1, int(round(channels * width)))
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Dtype,
+         use_bias: bool = False, kernel_init=conv_init) -> nn.Conv:
+    """A torch-like Conv2d (padding kernel//2); kernel f32[kh, kw, in, out], params float32."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
+                   param_dtype=jnp.float32, kernel_init=kernel_init,
+                   bias_init=nn.initializers.zeros, name=name)
+
+
+class BatchNorm(nn.Module):
+    """PyTorch BatchNorm over the last (channel) axis.
+
+    Params `scale`, `bias`; batch_stats `mean`, `var` (all f32[C]). Train mode normalizes with the batch
+    mean and *biased* batch variance and updates running stats as new = (1-m)·old + m·batch, using the
+    *unbiased* batch variance (m = momentum = 0.1, PyTorch's convention). Eval mode uses running stats.
+    Statistics are computed in float32 whatever the computation dtype.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x: [..., C] → same shape, in `dtype`."""
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale / jnp.sqrt(var + self.epsilon)
+        y = (xf - mean) * mul + bias
+        return y.astype(self.dtype)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """f32[n_out, n_in] averaging matrix of PyTorch's adaptive pooling bins.
+
+    Bin i spans [floor(i·n_in/n_out), ceil((i+1)·n_in/n_out)).
+    """
+    mat = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+    """PyTorch AdaptiveAvgPool2d on NHWC: x [B, H, W, C] → [B, oh, ow, C]."""
+    _, h, w, _ = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    ph = jnp.asarray(_pool_matrix(h, oh), x.dtype)
+    pw = jnp.asarray(_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", ph, pw, x, precision="highest")
