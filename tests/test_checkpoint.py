@@ -1,0 +1,271 @@
+"""Tests of vpns_jax.checkpoint: round trips, resume, corruption, interrupted saves, re-sharding."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from vpns_jax.checkpoint import RunCheckpointer, load_final, save_final
+from vpns_jax.errors import CheckpointError
+
+
+@flax.struct.dataclass
+class _State:
+    params: dict
+    scores: dict
+    opt_state: optax.OptState
+    masks: dict
+    mapping: jax.Array
+    step: jax.Array
+
+
+def _make_state(seed: int = 0) -> _State:
+    rng = np.random.default_rng(seed)
+    params = {
+        "conv1": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)},
+        "fc": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32), "bias": jnp.zeros(5)},
+    }
+    scores = {
+        "conv1/kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32),
+        "layer1_0/conv1/kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+    }
+    trainable = {"params": params, "scores": scores, "prompt": {"program": jnp.zeros((8, 8, 3))}}
+    labels = {"params": "sgd", "scores": "adam", "prompt": "frozen"}
+    tx = optax.partition(
+        {
+            "sgd": optax.sgd(0.1, momentum=0.9),
+            "adam": optax.adam(1e-3),
+            "frozen": optax.set_to_zero(),
+        },
+        labels,
+    )
+    opt_state = tx.init(trainable)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    _, opt_state = tx.update(grads, opt_state, trainable)  # non-trivial moments
+    masks = {k: jnp.abs(v) > 0.5 for k, v in scores.items()}
+    return _State(
+        params=params,
+        scores=scores,
+        opt_state=opt_state,
+        masks=masks,
+        mapping=jnp.asarray(rng.permutation(10)[:5], jnp.int32),
+        step=jnp.int32(7),
+    )
+
+
+def _abstract(state):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+META = {
+    "stage": "mask_finding",
+    "epoch": 1,
+    "step_in_epoch": 3,
+    "data_state": {"next_index": 96, "seed": 0},
+    "label_mapping": [3, 1, 4],
+    "config_hash": "abc",
+}
+
+
+def test_round_trip_keeps_types_and_slash_keys(tmp_path):
+    state = _make_state()
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(10, state, META)
+        # Donating the state right after save must be safe: arrays are on host before save returns.
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+        ckpt.wait()
+        restored, meta = ckpt.restore(abstract_state=_abstract(_make_state()), config_hash="abc")
+    _assert_same(restored, _make_state())
+    assert meta == META
+    assert isinstance(restored, _State)
+    assert isinstance(restored.opt_state, optax.transforms.PartitionState)
+    assert isinstance(
+        restored.opt_state.inner_states["adam"].inner_state[0], optax.ScaleByAdamState
+    )
+    assert set(restored.scores) == {"conv1/kernel", "layer1_0/conv1/kernel"}
+    assert restored.masks["conv1/kernel"].dtype == jnp.bool_
+    assert restored.mapping.dtype == jnp.int32
+
+
+def test_resume_picks_latest_keeps_max_and_skips_existing(tmp_path):
+    d = tmp_path / "ckpt"
+    ckpt = RunCheckpointer(d, max_to_keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, _make_state(step), {**META, "epoch": step})
+    assert not ckpt.save(3, _make_state(0), META)  # already there, kept
+    ckpt.close()
+    ckpt = RunCheckpointer(d, max_to_keep=2)
+    assert ckpt.all_steps() == [2, 3]
+    state, meta = ckpt.restore(abstract_state=_abstract(_make_state()))
+    _assert_same(state, _make_state(3))
+    assert meta["epoch"] == 3
+    state, _ = ckpt.restore(2, abstract_state=_abstract(_make_state()))
+    _assert_same(state, _make_state(2))
+    assert ckpt.save(3, _make_state(0), {**META, "epoch": 30}, force=True)
+    ckpt.wait()
+    assert ckpt.read_meta()["epoch"] == 30
+    ckpt.close()
+
+
+def test_leftover_tmp_dir_is_ignored(tmp_path):
+    d = tmp_path / "ckpt"
+    with RunCheckpointer(d) as ckpt:
+        ckpt.save(1, _make_state(1), META)
+    # An interrupted save of step 2: orbax's temporary directory, half written.
+    shutil.copytree(d / "1", d / "2.orbax-checkpoint-tmp-1700000000")
+    os.remove(d / "2.orbax-checkpoint-tmp-1700000000" / "_CHECKPOINT_METADATA")
+    with RunCheckpointer(d) as ckpt:
+        assert ckpt.latest_step() == 1
+        state, _ = ckpt.restore(abstract_state=_abstract(_make_state()))
+    _assert_same(state, _make_state(1))
+
+
+def _corrupt_data(step_dir):
+    for f in glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True):
+        with open(f, "r+b") as fh:
+            fh.truncate(4)
+
+
+# tensorstore's reader coroutines complain about the damaged files; that noise is expected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate_data",
+        "delete_manifest",
+        "delete_state",
+        "delete_meta",
+    ],
+)
+def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
+    d = tmp_path / "ckpt"
+    with RunCheckpointer(d) as ckpt:
+        ckpt.save(5, _make_state(), META)
+    step_dir = d / "5"
+    if damage == "truncate_data":
+        _corrupt_data(step_dir)
+    elif damage == "delete_manifest":
+        os.remove(step_dir / "state" / "manifest.ocdbt")
+    elif damage == "delete_state":
+        shutil.rmtree(step_dir / "state")
+    else:
+        shutil.rmtree(step_dir / "meta")
+    with RunCheckpointer(d) as ckpt, pytest.raises(CheckpointError) as err:
+        ckpt.restore(abstract_state=_abstract(_make_state()))
+    msg = str(err.value)
+    assert str(step_dir) in msg and "--workdir" in msg
+    assert "Traceback" not in msg and len(msg) < 1000
+
+
+def test_incompatible_target_or_config_raises(tmp_path):
+    d = tmp_path / "ckpt"
+    with RunCheckpointer(d) as ckpt:
+        ckpt.save(5, _make_state(), META)
+        state = _make_state()
+        bad_shape = state.replace(mapping=jnp.zeros(6, jnp.int32))
+        with pytest.raises(CheckpointError, match=r"mapping: shape \(5,\) stored, \(6,\) expected"):
+            ckpt.restore(abstract_state=_abstract(bad_shape))
+        bad_dtype = state.replace(masks={k: v.astype(jnp.float32) for k, v in state.masks.items()})
+        with pytest.raises(CheckpointError, match="dtype bool stored"):
+            ckpt.restore(abstract_state=_abstract(bad_dtype))
+        extra = state.replace(scores={**state.scores, "fc/kernel": jnp.zeros((4, 5))})
+        with pytest.raises(CheckpointError, match="scores/fc/kernel: expected by the target"):
+            ckpt.restore(abstract_state=_abstract(extra))
+        with pytest.raises(CheckpointError, match="different config"):
+            ckpt.restore(abstract_state=_abstract(state), config_hash="xyz")
+        with pytest.raises(CheckpointError, match="no checkpoint 9"):
+            ckpt.restore(9, abstract_state=_abstract(state))
+    with RunCheckpointer(tmp_path / "empty") as ckpt, pytest.raises(CheckpointError):
+        ckpt.restore(abstract_state=_abstract(state))
+
+
+def test_meta_must_be_json(tmp_path):
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt, pytest.raises(TypeError, match="JSON"):
+        ckpt.save(1, _make_state(), {"x": np.float32(1.0)})
+
+
+def test_final_round_trip_without_target(tmp_path):
+    state = _make_state()
+    tree = {
+        "params": state.params,
+        "batch_stats": {"bn1": {"mean": jnp.ones(4)}},
+        "scores": state.scores,
+        "masks": state.masks,
+        "prompt": {"program": jnp.ones((8, 8, 3))},
+        "label_mapping": state.mapping,
+    }
+    meta = {"arch": "resnet18", "density": 0.1}
+    save_final(tmp_path / "final", tree, meta)
+    save_final(tmp_path / "final", tree, meta)  # overwrites
+    loaded, loaded_meta = load_final(tmp_path / "final")
+    assert loaded_meta == meta
+    _assert_same(loaded, jax.tree.map(np.asarray, tree))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(loaded))
+    assert loaded["masks"]["layer1_0/conv1/kernel"].dtype == np.bool_
+    with pytest.raises(CheckpointError, match="no final artifacts"):
+        load_final(tmp_path / "nothing")
+
+
+_RESHARD_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from vpns_jax.checkpoint import RunCheckpointer
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    abstract = {"w": jax.ShapeDtypeStruct((16, 3), jnp.float32),
+                "m": {"a/b": jax.ShapeDtypeStruct((4,), jnp.bool_)}}
+    shardings = {"w": NamedSharding(mesh, P("data")), "m": {"a/b": NamedSharding(mesh, P())}}
+    with RunCheckpointer(sys.argv[1]) as ckpt:
+        state, meta = ckpt.restore(abstract_state=abstract, shardings=shardings)
+        default, _ = ckpt.restore(abstract_state=abstract)
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(48.0).reshape(16, 3))
+    np.testing.assert_array_equal(np.asarray(state["m"]["a/b"]), [True, False, True, False])
+    assert state["w"].sharding == shardings["w"] and len(state["w"].addressable_shards) == 8
+    assert state["w"].addressable_shards[0].data.shape == (2, 3)
+    assert default["w"].sharding.is_fully_replicated and len(default["w"].sharding.device_set) == 8
+    print("OK", meta["stage"])
+""")
+
+
+def test_restore_one_device_checkpoint_on_eight_devices(tmp_path):
+    d = tmp_path / "ckpt"
+    state = {
+        "w": jnp.arange(48.0).reshape(16, 3),
+        "m": {"a/b": jnp.array([True, False, True, False])},
+    }
+    with RunCheckpointer(d) as ckpt:
+        ckpt.save(1, state, {"stage": "tune"})
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESHARD_SCRIPT, str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK tune" in proc.stdout
