@@ -27,7 +27,7 @@ class PromptSpec:
     method: 'pad' (raw program on a border frame of width `pad_size`), 'fix' (sigmoid of the
     program on the top-left `mask_size` square) or 'random' (sigmoid of the program on a `mask_size`
     square placed at a fresh random position on every forward). Images of `input_size` are
-    zero-padded to `output_size`.
+    zero-padded to `output_size`. pad_size is checked for 'pad' only, mask_size for 'fix'/'random'.
     """
 
     method: str = "pad"
@@ -51,12 +51,12 @@ class PromptSpec:
                 f"PromptSpec.input_size={self.input_size}: must be <= output_size "
                 f"({self.output_size}); images are zero-padded up to the output size."
             )
-        if 2 * self.pad_size > self.output_size:
+        if self.method == "pad" and 2 * self.pad_size > self.output_size:
             raise ConfigError(
                 f"PromptSpec.pad_size={self.pad_size}: must be <= output_size/2 "
                 f"({self.output_size / 2:g})."
             )
-        if self.mask_size > self.output_size:
+        if self.method != "pad" and self.mask_size > self.output_size:
             raise ConfigError(
                 f"PromptSpec.mask_size={self.mask_size}: must be <= output_size "
                 f"({self.output_size})."
