@@ -1,0 +1,170 @@
+"""Scale-out helpers, jit-first: multi-process init, a 1-D data mesh, shardings, global batches.
+
+The model is data parallelism with `jax.jit` over global arrays: the batch is sharded along the
+mesh's `data` axis, the state is replicated. Because the batch is one global array, anything
+reduced over the batch inside a jitted step (the loss mean, BatchNorm's batch statistics) is
+reduced over the *whole* global batch, exactly as on one device; XLA inserts the collectives.
+
+Multi-process (several hosts, or one process per GPU): every process runs the same program, calls
+`initialize_distributed` before anything touches a device, reads its own shard of the data (size
+`global_batch // process_count`) and turns it into global arrays with `host_to_global`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vpns_jax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+# Environment variables that say "this process is one of several of a multi-process job".
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+_TPU_HOSTS_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+def multiprocess_env(env: Mapping[str, str] | None = None) -> str | None:
+    """Which multi-process launcher the environment shows, or None for a single process.
+
+    - ``'explicit'``: `JAX_COORDINATOR_ADDRESS` and `JAX_NUM_PROCESSES` > 1 (set them and
+      `JAX_PROCESS_ID` yourself on any cluster);
+    - ``'slurm'``: inside `srun` with `SLURM_NTASKS` > 1;
+    - ``'tpu'``: a TPU VM whose `TPU_WORKER_HOSTNAMES`/`TPU_PROCESS_ADDRESSES` lists > 1 worker.
+    """
+    env = os.environ if env is None else env
+    if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        return "explicit"
+    if all(v in env for v in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    for var in _TPU_HOSTS_VARS:
+        if len([h for h in env.get(var, "").split(",") if h.strip()]) > 1:
+            return "tpu"
+    return None
+
+
+def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
+    """Start JAX's multi-process runtime when asked to; returns whether it is running.
+
+    `enabled=True` calls `jax.distributed.initialize(**kwargs)`, which finds the coordinator,
+    process count and id itself on SLURM (one process per GPU: it takes GPU `SLURM_LOCALID`), on
+    Cloud TPU VMs, and from `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`;
+    `kwargs` (e.g. `local_device_ids`) override that. `enabled=False` does nothing.
+    `enabled=None` initializes only when `multiprocess_env()` sees a multi-process job, so a plain
+    single-process run never waits for a coordinator. Must run before the first use of a device
+    (`jax.devices()`, any array).
+    """
+    if enabled is None:
+        kind = multiprocess_env()
+        enabled = kind is not None
+        if enabled:
+            logging.info("multi-process job detected (%s): initializing jax.distributed", kind)
+    if not enabled:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"jax.distributed.initialize() failed: {e}. It must be called before anything uses a "
+            "device, by every process of the job, and needs a launcher it can detect (srun, a TPU "
+            "pod's --worker=all, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)."
+        ) from e
+    return True
+
+
+class ProcessInfo(NamedTuple):
+    """Where this process sits in the job."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    device_count: int
+    platform: str
+
+    @property
+    def is_primary(self) -> bool:
+        """Process 0 writes files (metrics, results, config); the others only log."""
+        return self.process_index == 0
+
+
+def process_info() -> ProcessInfo:
+    """This process's index, the process count, device counts and platform ('cpu', 'gpu', 'tpu')."""
+    return ProcessInfo(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=jax.local_device_count(),
+        device_count=jax.device_count(),
+        platform=jax.devices()[0].platform,
+    )
+
+
+def make_mesh(axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over every device of every process, devices in an order that suits collectives."""
+    return jax.make_mesh(
+        (jax.device_count(),), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the mesh's single axis; other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh (params, optimizer state, scores, prompt)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch_size_check(global_batch: int, mesh: Mesh) -> int:
+    """Check that `global_batch` splits evenly over the mesh; returns this process's batch size.
+
+    Raises `ConfigError` (naming `batch_size` and the nearest valid sizes) otherwise.
+    """
+    devices, processes = mesh.size, jax.process_count()
+    if global_batch < 1 or global_batch % devices:
+        lower = max(devices, global_batch // devices * devices)
+        raise ConfigError(
+            f"batch_size={global_batch} does not split over {devices} devices ({processes} "
+            f"process(es)); use a multiple of {devices}, e.g. {lower} or {lower + devices}"
+        )
+    return global_batch // processes
+
+
+def host_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of a batch (numpy, leading dim = local batch) → global jax.Arrays.
+
+    Every process passes its own rows; the global batch is their concatenation in process order,
+    sharded along the mesh's data axis. The local batch must split over this process's devices.
+    """
+    sharding = data_sharding(mesh)
+    local_devices = len(mesh.local_devices)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] % local_devices:
+            raise ConfigError(
+                f"batch field {name!r} has shape {value.shape}: its leading (batch) dimension must "
+                f"split over this process's {local_devices} devices; make batch_size a multiple of "
+                f"{mesh.size}"
+            )
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Global arrays (sharded or replicated) → numpy arrays with the full global value, everywhere.
+
+    Single process: `jax.device_get`. Multi-process: an all-gather, so call it on every process.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
