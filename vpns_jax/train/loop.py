@@ -1,0 +1,151 @@
+"""The one generic loop: epochs x iterations of a stage, progress log, per-epoch hooks, resume."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from vpns_jax.train import optim, steps
+from vpns_jax.train.stages import Stage
+from vpns_jax.train.state import TrainState
+
+Batch = Mapping[str, Any]
+# Per view: a callable epoch -> iterable of batches (preferred: deterministic per epoch, can
+# resume), or an iterable that yields one epoch each time it is iterated.
+EpochSource = Callable[[int], Iterable[Batch]] | Iterable[Batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What a per-epoch hook sees; `state` is valid only during the hook (the next step donates
+    its buffers)."""
+
+    stage: Stage
+    epoch: int
+    state: TrainState
+    label_map: jax.Array | None
+    metrics: dict[str, float]
+
+
+# A hook may return a new label map (ILM re-mapping), used from the next epoch on; None keeps it.
+EpochHook = Callable[[EpochEnd], jax.Array | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    """Bookkeeping of one `run_stage` call: epochs and iterations run, optimizer steps
+    (iterations x passes: two per iteration for VPNs), wall seconds, last epoch's mean metrics."""
+
+    name: str
+    epochs: int
+    iterations: int
+    gradient_steps: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+def _epoch_iter(source: EpochSource, epoch: int) -> Iterable[Batch]:
+    return source(epoch) if callable(source) else source
+
+
+def _length(iterable: Iterable[Batch]) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+    if not history:
+        return {}
+    host = jax.device_get(history)
+    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def run_stage(
+    stage: Stage,
+    state: TrainState,
+    model: Any,
+    loaders: Mapping[str, EpochSource],
+    *,
+    prompt_spec: Any = None,
+    label_map: jax.Array | None = None,
+    hooks: Sequence[EpochHook] = (),
+    start_epoch: int = 0,
+    start_iteration: int = 0,
+    log_every: int = 50,
+    put_batch: Callable[[Batch], Batch] | None = None,
+) -> tuple[TrainState, StageResult]:
+    """Run `stage` from (start_epoch, start_iteration) to its last epoch.
+
+    state: already prepared by `state.begin_stage` (or restored from a checkpoint of this stage).
+    loaders: one `EpochSource` per view of the stage ('prompt' and/or 'train'); an iteration zips
+    them, so an epoch is as long as the shortest. The first `start_iteration` batches of
+    `start_epoch` are skipped (resume mid-epoch). After each epoch every hook runs in order
+    (evaluation, checkpoint, ILM re-mapping).
+    put_batch: optional host->device transfer (e.g. to a sharded global array).
+    Returns the final state and the stage's bookkeeping.
+    """
+    missing = [v for v in stage.views if v not in loaders]
+    if missing:
+        raise ValueError(f'stage {stage.name!r} needs loaders for views {missing}.')
+    step_fn = steps.make_train_step(stage, model, prompt_spec)
+    put = put_batch or (lambda b: b)
+    iterations = 0
+    images = 0
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    steps_per_epoch: int | None = None
+    for epoch in range(start_epoch, stage.epochs):
+        factors = optim.lr_factors(stage, epoch)
+        sources = [_epoch_iter(loaders[v], epoch) for v in stage.views]
+        lengths = [n for n in map(_length, sources) if n is not None]
+        steps_per_epoch = min(lengths) if lengths else steps_per_epoch
+        skip = start_iteration if epoch == start_epoch else 0
+        zipped = itertools.islice(zip(*sources, strict=False), skip, None)
+        history = []
+        mark, mark_images, mark_iterations = time.perf_counter(), images, iterations
+        for i, views in enumerate(zipped, start=skip):
+            batches = {v: put(b) for v, b in zip(stage.views, views, strict=True)}
+            state, step_metrics = step_fn(state, batches, label_map, factors)
+            history.append(step_metrics)
+            iterations += 1
+            images += sum(int(np.shape(b['label'])[0]) for b in batches.values())
+            if log_every and (i + 1) % log_every == 0:
+                last = jax.device_get(step_metrics)
+                now = time.perf_counter()
+                rate = (iterations - mark_iterations) / max(now - mark, 1e-9)
+                img_rate = (images - mark_images) / max(now - mark, 1e-9)
+                eta = ''
+                if steps_per_epoch:
+                    left = (stage.epochs - epoch) * steps_per_epoch - (i + 1)
+                    eta = f' eta {left / max(rate, 1e-9) / 60:.1f} min'
+                logging.info('%s epoch %d/%d it %d%s: %s | %.2f it/s %.0f img/s%s', stage.name,
+                             epoch + 1, stage.epochs, i + 1,
+                             f'/{steps_per_epoch}' if steps_per_epoch else '',
+                             ' '.join(f'{k} {float(v):.4f}' for k, v in sorted(last.items())),
+                             rate, img_rate, eta)
+                mark, mark_images, mark_iterations = now, images, iterations
+        metrics = _mean_metrics(history)
+        logging.info('%s epoch %d/%d done: %s', stage.name, epoch + 1, stage.epochs,
+                     ' '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
+        for hook in hooks:
+            new_map = hook(EpochEnd(stage, epoch, state, label_map, metrics))
+            if new_map is not None:
+                label_map = new_map
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - started
+    return state, StageResult(
+        name=stage.name,
+        epochs=max(stage.epochs - start_epoch, 0),
+        iterations=iterations,
+        gradient_steps=iterations * stage.steps_per_iteration,
+        seconds=seconds,
+        metrics=metrics,
+    )

@@ -1,0 +1,123 @@
+"""TrainState: the separate pytrees of a run, and how a stage begins."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from vpns_jax import sparsity
+from vpns_jax.train import optim
+from vpns_jax.train.stages import Stage
+
+Tree = Any
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (all leaves are arrays; no None leaves).
+
+    params: nested Flax params (kernels, biases, BN scale/bias). batch_stats: BN running mean/var.
+    scores: flat ``{path: f32[kernel shape]}`` over the prunable kernels, ``{}`` for dense methods.
+    prompt: ``{'program': f32[out, out, 3]}`` or ``{}`` without a prompt.
+    masks: flat ``{path: bool[kernel shape]}`` frozen mask of a 'fixed' stage, ``{}`` otherwise.
+    opt_state: the stage optimizer's state (`optim.make_optimizer`).
+    step: i32[] iterations done in the current stage.
+    rng: PRNG key; per-step keys are ``fold_in(rng, step)``.
+    """
+
+    params: Tree
+    batch_stats: Tree
+    scores: dict[str, jax.Array]
+    prompt: dict[str, jax.Array]
+    masks: dict[str, jax.Array]
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+    def trainables(self) -> dict[str, Tree]:
+        """The tree the stage optimizer sees: ``{'params', 'scores', 'prompt'}``."""
+        return {'params': self.params, 'scores': self.scores, 'prompt': self.prompt}
+
+    def variables(self) -> dict[str, Tree]:
+        """Flax variables ``{'params', 'batch_stats'}`` (params unmasked)."""
+        return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def create_state(
+    variables: Mapping[str, Tree],
+    *,
+    rng: jax.Array,
+    scores: Mapping[str, jax.Array] | None = None,
+    prompt: Mapping[str, jax.Array] | None = None,
+) -> TrainState:
+    """A state from pretrained Flax variables; no optimizer yet (`begin_stage` builds it).
+
+    variables: ``{'params', 'batch_stats'}``.
+    scores: e.g. ``sparsity.scaled_score_init(params)``, or None for a dense method.
+    prompt: ``prompts.init_prompt(spec)``, or None without a prompt.
+    """
+    return TrainState(
+        params=variables['params'],
+        batch_stats=variables.get('batch_stats', {}),
+        scores=dict(scores or {}),
+        prompt=dict(prompt or {}),
+        masks={},
+        opt_state=optax.EmptyState(),
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+    )
+
+
+def threshold(
+    stage: Stage, scores: Mapping[str, jax.Array]
+) -> jax.Array | dict[str, jax.Array]:
+    """tau of the stage's scope: one f32 scalar (global) or ``{path: scalar}`` (layer); no grad."""
+    scores = jax.lax.stop_gradient(dict(scores))
+    if stage.threshold_scope == 'layer':
+        return dict(sparsity.layerwise_thresholds(scores, stage.density))
+    return sparsity.global_threshold(scores, stage.density)
+
+
+def learned_masks(stage: Stage, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Float masks with the straight-through gradient to the scores ('learned' stages)."""
+    return dict(sparsity.ste_masks(dict(scores), threshold(stage, scores)))
+
+
+def frozen_masks(stage: Stage, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Bool masks (no gradient) from the scores at the stage's density and threshold scope."""
+    return dict(sparsity.hard_masks(dict(scores), threshold(stage, scores)))
+
+
+def zero_pruned(params: Tree, masks: Mapping[str, jax.Array]) -> Tree:
+    """params times the flat (bool or float) masks: pruned weights exactly zero."""
+    return sparsity.apply_masks(params, masks) if masks else params
+
+
+def begin_stage(
+    stage: Stage, state: TrainState, masks: Mapping[str, jax.Array] | None = None
+) -> TrainState:
+    """Prepare `state` for a fresh `stage`: new optimizer state, step 0, and for a 'fixed' stage the
+    frozen mask (given `masks`, else derived from the scores) with pruned weights zeroed.
+
+    Not called on resume: a restored state already holds the stage's optimizer state and step.
+    """
+    if stage.mask_mode == 'fixed':
+        if masks is None:
+            if not state.scores:
+                raise ValueError(
+                    f'stage {stage.name!r} needs a fixed mask: pass masks or have scores.')
+            masks = frozen_masks(stage, state.scores)
+        masks = {p: jnp.asarray(m, bool) for p, m in masks.items()}
+        state = state.replace(params=zero_pruned(state.params, masks), masks=masks)
+    else:
+        state = state.replace(masks={})
+    if stage.prompt.trainable and not state.prompt:
+        raise ValueError(f'stage {stage.name!r} trains the prompt but the state has none.')
+    if stage.scores.trainable and not state.scores:
+        raise ValueError(f'stage {stage.name!r} trains scores but the state has none.')
+    opt_state = optim.make_optimizer(stage).init(state.trainables())
+    return state.replace(opt_state=opt_state, step=jnp.zeros((), jnp.int32))

@@ -1,0 +1,166 @@
+"""Module-level pure train/eval steps; one composition for every method.
+
+    x = normalize(prompt(images)) if the pass is prompted else normalize(images)
+    logits = head_map(model.apply({'params': params * masks, 'batch_stats': s}, x))
+
+`train_step` runs ALL passes of one iteration inside one jitted function, sequentially and in the
+stage's order: each pass is its own forward/backward and optimizer step on the state left by the
+previous pass, so a 'learned' mask of pass 2 comes from the scores after step 1 (tau is recomputed
+from the current scores at the start of every pass, which is the same as refreshing it after every
+score step). Statics (model, prompt spec, stage) are bound with `functools.partial` by the
+``make_*`` factories, which jit once per stage.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vpns_jax import label_mapping, prompts
+from vpns_jax.train import optim
+from vpns_jax.train.stages import GROUPS, Pass, Stage
+from vpns_jax.train.state import TrainState, frozen_masks, learned_masks, zero_pruned
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+_EVAL_RNG_SALT = 2**31 - 1  # eval key of a 'random' prompt: fold_in(rng, salt)
+
+
+def current_masks(state: TrainState, stage: Stage) -> dict[str, jax.Array]:
+    """Hard (bool) masks to evaluate with: the frozen mask of a 'fixed' stage, the current top-k
+    of the scores in a 'learned' stage, none for a dense stage."""
+    if stage.mask_mode == 'learned':
+        return frozen_masks(stage, state.scores)
+    return dict(state.masks)
+
+
+def model_inputs(images: jax.Array, prompt: Mapping[str, jax.Array], *, prompted: bool,
+                 prompt_spec: Any, rng: jax.Array | None) -> jax.Array:
+    """f32[B, H, W, 3] in [0, 1] -> normalized network input, through the prompt when `prompted`."""
+    if prompted:
+        images = prompts.apply_prompt(dict(prompt), images, prompt_spec, rng)
+    return prompts.normalize(images)
+
+
+def head_logits(logits: jax.Array, label_map: jax.Array | None) -> jax.Array:
+    """f32[B, S] source logits -> f32[B, T] via the label mapping (None: identity / new head)."""
+    return logits if label_map is None else label_mapping.map_logits(logits, label_map)
+
+
+def _pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
+               factors: Mapping[str, jax.Array], *, index: int, pass_: Pass, stage: Stage,
+               model: Any, prompt_spec: Any) -> tuple[TrainState, Metrics]:
+    """One pass: forward (BN in train mode), CE loss, gradient, one step of the active groups."""
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), index)
+    # The prompt gets no gradient and no update in an un-prompted pass (reference ambiguity 3).
+    active = tuple(g for g in stage.trainable_groups if g != 'prompt' or pass_.prompted)
+    trainables = state.trainables()
+    fixed = dict(state.masks)
+
+    def loss_fn(diff):
+        tr = {**trainables, **diff}
+        if stage.mask_mode == 'learned':
+            masks = learned_masks(stage, tr['scores'])
+        else:
+            masks = fixed
+        params = zero_pruned(tr['params'], masks)
+        x = model_inputs(batch['image'], tr['prompt'], prompted=pass_.prompted,
+                         prompt_spec=prompt_spec, rng=rng)
+        logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
+                                      train=True, mutable=['batch_stats'])
+        logits = head_logits(logits, label_map)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+        return loss, (updated['batch_stats'], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        {g: trainables[g] for g in active})
+    grads = {g: grads[g] if g in grads else jax.tree.map(jnp.zeros_like, trainables[g])
+             for g in GROUPS}
+    if fixed:  # pruned weights get no gradient, hence no weight decay and no momentum
+        grads['params'] = zero_pruned(grads['params'], fixed)
+    new, opt_state = optim.apply_updates(optim.make_optimizer(stage), grads, state.opt_state,
+                                         trainables, active=active, factors=factors)
+    if fixed and 'params' in active:  # keep the exported model exactly sparse
+        new['params'] = zero_pruned(new['params'], fixed)
+    state = state.replace(params=new['params'], scores=new['scores'], prompt=new['prompt'],
+                          batch_stats=batch_stats, opt_state=opt_state)
+    tag = f'pass{index}'
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
+    return state, {f'{tag}/loss': loss, f'{tag}/accuracy': accuracy}
+
+
+def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.Array | None,
+               factors: Mapping[str, jax.Array], *, stage: Stage, model: Any,
+               prompt_spec: Any = None) -> tuple[TrainState, Metrics]:
+    """One iteration: every pass of `stage` in order, each with its own optimizer step.
+
+    batches: ``{view: {'image': f32[B,H,W,3] in [0,1], 'label': i32[B]}}`` for the views of the
+    stage. label_map: i32[T] FLM index vector into the source logits, or None. factors: per-group
+    lr multipliers of the current epoch (`optim.lr_factors`). Returns the new state (step + 1) and
+    scalar metrics.
+    """
+    metrics: Metrics = {}
+    for index, pass_ in enumerate(stage.passes):
+        state, m = _pass_step(state, batches[pass_.view], label_map, factors, index=index,
+                              pass_=pass_, stage=stage, model=model, prompt_spec=prompt_spec)
+        metrics.update(m)
+    return state.replace(step=state.step + 1), metrics
+
+
+def _eval_logits(state: TrainState, images: jax.Array, *, stage: Stage, model: Any,
+                 prompt_spec: Any, prompted: bool) -> jax.Array:
+    masks = current_masks(state, stage)
+    x = model_inputs(images, state.prompt, prompted=prompted, prompt_spec=prompt_spec,
+                     rng=jax.random.fold_in(state.rng, _EVAL_RNG_SALT))
+    return model.apply({'params': zero_pruned(state.params, masks),
+                        'batch_stats': state.batch_stats}, x, train=False)
+
+
+def eval_step(state: TrainState, batch: Batch, label_map: jax.Array | None, *, stage: Stage,
+              model: Any, prompt_spec: Any = None, prompted: bool = False) -> Metrics:
+    """Correct counts of one eval batch: BN in eval mode, hard mask applied, prompt on/off.
+
+    batch: ``{'image', 'label', 'mask': bool[B]}`` ('mask' marks real examples of a padded batch;
+    absent means all real). Returns ``{'correct': i32[], 'count': i32[], 'loss_sum': f32[]}`` over
+    valid rows.
+    """
+    logits = head_logits(_eval_logits(state, batch['image'], stage=stage, model=model,
+                                      prompt_spec=prompt_spec, prompted=prompted), label_map)
+    valid = batch.get('mask', jnp.ones(batch['label'].shape, bool))
+    hit = (jnp.argmax(logits, -1) == batch['label']) & valid
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    return {'correct': hit.sum().astype(jnp.int32), 'count': valid.sum().astype(jnp.int32),
+            'loss_sum': jnp.where(valid, ce, 0.0).sum()}
+
+
+def source_predictions(state: TrainState, batch: Batch, *, stage: Stage, model: Any,
+                       prompt_spec: Any = None, prompted: bool = False) -> jax.Array:
+    """i32[B] argmax over the raw source logits (eval mode, current hard mask), for FLM counts."""
+    logits = _eval_logits(state, batch['image'], stage=stage, model=model,
+                          prompt_spec=prompt_spec, prompted=prompted)
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def make_train_step(stage: Stage, model: Any, prompt_spec: Any = None) -> Callable:
+    """`train_step` with the statics bound, jitted, state donated:
+    ``(state, batches, label_map, factors) -> (state, metrics)``."""
+    fn = functools.partial(train_step, stage=stage, model=model, prompt_spec=prompt_spec)
+    return jax.jit(fn, donate_argnums=0)
+
+
+def make_eval_step(stage: Stage, model: Any, prompt_spec: Any = None, *,
+                   prompted: bool = False) -> Callable:
+    """Jitted ``(state, batch, label_map) -> {'correct', 'count', 'loss_sum'}``."""
+    return jax.jit(functools.partial(eval_step, stage=stage, model=model,
+                                     prompt_spec=prompt_spec, prompted=prompted))
+
+
+def make_source_predictions(stage: Stage, model: Any, prompt_spec: Any = None, *,
+                            prompted: bool = False) -> Callable:
+    """Jitted ``(state, batch) -> i32[B]`` source-class predictions."""
+    return jax.jit(functools.partial(source_predictions, stage=stage, model=model,
+                                     prompt_spec=prompt_spec, prompted=prompted))
