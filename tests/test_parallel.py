@@ -32,6 +32,14 @@ def test_multiprocess_env(env, expected):
     assert parallel.multiprocess_env(env) == expected
 
 
+def test_local_device_ids_from_env():
+    assert parallel.local_device_ids_from_env({}) is None
+    assert parallel.local_device_ids_from_env({"VPNS_LOCAL_DEVICE_IDS": "0"}) == [0]
+    assert parallel.local_device_ids_from_env({"VPNS_LOCAL_DEVICE_IDS": "0,1, 2"}) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="VPNS_LOCAL_DEVICE_IDS"):
+        parallel.local_device_ids_from_env({"VPNS_LOCAL_DEVICE_IDS": "gpu0"})
+
+
 def test_single_process_is_a_no_op(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", *parallel._TPU_HOSTS_VARS):
         monkeypatch.delenv(var, raising=False)

@@ -50,13 +50,34 @@ def multiprocess_env(env: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def local_device_ids_from_env(env: Mapping[str, str] | None = None) -> list[int] | None:
+    """`VPNS_LOCAL_DEVICE_IDS` ('0' or '0,1,2,3'): the local devices this process drives, or None.
+
+    Under SLURM, JAX assumes one process per GPU and gives process `SLURM_LOCALID` that GPU. Set
+    this when the layout differs: one process per node (`0,1,...,7`), or a cluster that already
+    binds one GPU per task so each task sees only its GPU as device 0 (`0`).
+    """
+    env = os.environ if env is None else env
+    value = env.get("VPNS_LOCAL_DEVICE_IDS", "").strip()
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise ConfigError(
+            f"VPNS_LOCAL_DEVICE_IDS={value!r} must be comma-separated integers, "
+            "e.g. '0' or '0,1,2,3'"
+        ) from e
+
+
 def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
     """Start JAX's multi-process runtime when asked to; returns whether it is running.
 
     `enabled=True` calls `jax.distributed.initialize(**kwargs)`, which finds the coordinator,
     process count and id itself on SLURM (one process per GPU: it takes GPU `SLURM_LOCALID`), on
     Cloud TPU VMs, and from `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`;
-    `kwargs` (e.g. `local_device_ids`) override that. `enabled=False` does nothing.
+    `kwargs` (e.g. `local_device_ids`, default from `VPNS_LOCAL_DEVICE_IDS`) override that.
+    `enabled=False` does nothing.
     `enabled=None` initializes only when `multiprocess_env()` sees a multi-process job, so a plain
     single-process run never waits for a coordinator. Must run before the first use of a device
     (`jax.devices()`, any array).
@@ -70,6 +91,8 @@ def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    if "local_device_ids" not in kwargs and (ids := local_device_ids_from_env()) is not None:
+        kwargs["local_device_ids"] = ids
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:
