@@ -56,18 +56,20 @@ def prepare(
             builder.check_manual_dir()
         builder.download_and_prepare()
         return os.fspath(builder.data_dir)
-    _prepare_catalogue(info, builder, manual_dir)
+    _prepare_catalogue(info, builder, data_dir, manual_dir)
     return os.fspath(builder.data_dir)
 
 
-def _prepare_catalogue(info: registry.DatasetInfo, builder, manual_dir: str | None) -> None:
+def _prepare_catalogue(
+    info: registry.DatasetInfo, builder, data_dir, manual_dir: str | None
+) -> None:
     import tensorflow_datasets as tfds
 
     if info.needs_manual_dir:
         if manual_dir is None or not os.path.isdir(manual_dir):
             raise DataError(
                 f"{info.name}: needs a manual directory with {info.manual_files}; got "
-                f"{manual_dir!r}. Then run: {prepare_command(info.name)}"
+                f"{manual_dir!r}. Then run: {prepare_command(info.name, data_dir=data_dir)}"
             )
     if importlib.util.find_spec("tensorflow") is None:
         raise DataError(
@@ -75,7 +77,7 @@ def _prepare_catalogue(info: registry.DatasetInfo, builder, manual_dir: str | No
             "TensorFlow to download and extract the archives (reading the prepared array_record "
             "files does not). Install the optional extra once: pip install -e .[prepare] "
             "(tensorflow-cpu), then run: "
-            f"{prepare_command(info.name, manual_dir=manual_dir)}"
+            f"{prepare_command(info.name, data_dir=data_dir, manual_dir=manual_dir)}"
         )
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=config)
