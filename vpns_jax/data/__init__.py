@@ -7,7 +7,7 @@ See ``registry`` (which datasets, splits, classes, batch sizes), ``prepare``
 
 from vpns_jax.data import pipeline, registry, transforms
 from vpns_jax.data.pipeline import class_names, eval_loader, num_examples, train_loader
-from vpns_jax.data.prepare import ensure_prepared, is_prepared, prepare
+from vpns_jax.data.preparation import ensure_prepared, is_prepared, prepare
 
 __all__ = [
     "class_names", "ensure_prepared", "eval_loader", "is_prepared", "num_examples", "pipeline",

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from vpns_jax.data import pipeline, registry
-from vpns_jax.data.prepare import ensure_prepared, prepare
+from vpns_jax.data.preparation import ensure_prepared, prepare
 from vpns_jax.data.show import sample_grid
 from vpns_jax.errors import DataError
 

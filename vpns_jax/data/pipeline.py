@@ -43,7 +43,7 @@ import grain.python as grain
 import numpy as np
 
 from vpns_jax.data import registry, transforms
-from vpns_jax.data.prepare import not_prepared_error
+from vpns_jax.data.preparation import not_prepared_error
 from vpns_jax.errors import DataError
 
 View = Literal["train", "prompt"]

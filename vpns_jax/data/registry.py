@@ -1,10 +1,9 @@
-"""The datasets the project knows: builder, splits as the reference uses them, classes, batch size
-(§7).
+"""The datasets the project knows: builder, reference splits, classes, batch size (§7).
 
 Catalogue datasets are read through TFDS's own builders (prepared once, with TensorFlow, see
-``vpns_jax.data.prepare``); the others through the project's builders in ``vpns_jax.data.builders``,
-which prepare offline without TensorFlow. Split strings are TFDS split expressions
-('train+validation').
+``vpns_jax.data.preparation``); the others through the project's builders in
+``vpns_jax.data.builders``, which prepare offline without TensorFlow. Split strings are TFDS split
+expressions ('train+validation').
 """
 
 from __future__ import annotations
