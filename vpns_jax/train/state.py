@@ -56,19 +56,25 @@ def create_state(
 ) -> TrainState:
     """A state from pretrained Flax variables; no optimizer yet (`begin_stage` builds it).
 
+    Every array is copied: train steps donate the state, and the caller's pretrained variables must
+    survive (one run per sparsity level starts from them).
+
     variables: ``{'params', 'batch_stats'}``.
     scores: e.g. ``sparsity.scaled_score_init(params)``, or None for a dense method.
     prompt: ``prompts.init_prompt(spec)``, or None without a prompt.
     """
+    def copy(tree):
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
     return TrainState(
-        params=variables['params'],
-        batch_stats=variables.get('batch_stats', {}),
-        scores=dict(scores or {}),
-        prompt=dict(prompt or {}),
+        params=copy(variables['params']),
+        batch_stats=copy(variables.get('batch_stats', {})),
+        scores=copy(dict(scores or {})),
+        prompt=copy(dict(prompt or {})),
         masks={},
         opt_state=optax.EmptyState(),
         step=jnp.zeros((), jnp.int32),
-        rng=rng,
+        rng=copy(rng),
     )
 
 
