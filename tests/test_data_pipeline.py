@@ -1,0 +1,247 @@
+"""The grain pipeline: views, shapes, determinism, sharding, eval padding, resumption, errors.
+
+Real data: scikit-learn's digits (the project's offline builder, prepared once per module).
+Catalogue datasets: through ``tfds.testing.mock_data``.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from vpns_jax.data import __main__ as cli
+from vpns_jax.data import pipeline, preparation, registry
+from vpns_jax.errors import DataError
+
+S = 8  # input size: small, so the tests are fast
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    preparation.prepare("digits", data_dir=path)
+    return path
+
+
+def _epoch(data_dir, epoch=0, **kwargs):
+    args = dict(view="train", input_size=S, batch_size=64, seed=7, data_dir=data_dir) | kwargs
+    return list(pipeline.train_loader("digits", **args).epoch(epoch))
+
+
+def test_digits_counts_classes_and_idempotent_prepare(data_dir):
+    assert pipeline.num_examples("digits", "train", data_dir=data_dir) == 1438
+    assert pipeline.num_examples("digits", "test", data_dir=data_dir) == 359
+    assert pipeline.class_names("digits", data_dir=data_dir) == [str(d) for d in range(10)]
+    assert preparation.is_prepared("digits", data_dir=data_dir)
+    preparation.prepare("digits", data_dir=data_dir)  # already prepared: returns at once
+
+
+@pytest.mark.parametrize("view", ["train", "prompt"])
+def test_train_views_shapes_dtypes_range(data_dir, view):
+    loader = pipeline.train_loader(
+        "digits", view=view, input_size=S, batch_size=64, seed=0, data_dir=data_dir
+    )
+    assert loader.steps_per_epoch == len(loader) == 1438 // 64 == 22
+    batches = list(loader.epoch(0))
+    assert len(batches) == 22
+    for batch in batches:
+        assert batch["image"].shape == (64, S, S, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # grey
+    labels = np.concatenate([b["label"] for b in batches])
+    assert set(labels.tolist()) == set(range(10))
+
+
+def test_prompt_view_is_resize_only_and_train_view_matches_its_transform(data_dir):
+    records = pipeline.open_split("digits", "train", data_dir=data_dir)
+    for view in ("prompt", "train"):
+        loader = pipeline.train_loader(
+            "digits", view=view, input_size=S, batch_size=64, seed=3, data_dir=data_dir
+        )
+        keys, positions = loader.plan(1)
+        batch = next(loader.epoch(1))
+        for i in (0, 5, 63):
+            image = records[int(keys[0, i])]["image"]
+            if view == "prompt":
+                from vpns_jax.data.transforms import eval_transform as f
+
+                expected = f(image, S)
+            else:
+                expected = pipeline._Transform(S, True, 3, 0, 1)(image, int(positions[0, i]))
+            np.testing.assert_array_equal(batch["image"][i], expected)
+            assert batch["label"][i] == records[int(keys[0, i])]["label"]
+
+
+def test_same_seed_same_batches_next_epoch_new_order(data_dir):
+    a, b = _epoch(data_dir), _epoch(data_dir)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    loader = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=7, data_dir=data_dir)
+    k0, k1 = loader.plan(0)[0], loader.plan(1)[0]
+    assert not np.array_equal(k0, k1)
+    other_seed = pipeline.train_loader(
+        "digits", input_size=S, batch_size=64, seed=8, data_dir=data_dir
+    ).plan(0)[0]
+    prompt = pipeline.train_loader(
+        "digits", view="prompt", input_size=S, batch_size=64, seed=7, data_dir=data_dir
+    ).plan(0)[0]
+    assert not np.array_equal(k0, other_seed) and not np.array_equal(k0, prompt)
+    # iter(loader) runs epochs 0, 1, ... on successive calls
+    np.testing.assert_array_equal(next(iter(loader))["label"], a[0]["label"])
+
+
+def test_two_processes_cover_each_example_at_most_once_and_match_one_process(data_dir):
+    """'Exactly once': each example is once in the epoch's permutation; all processes together
+    yield its first (N // G)·G entries, each once, and drop the other N mod G (1438 mod 64 = 30)."""
+    n, g = 1438, 64
+    single = _epoch(data_dir, epoch=2)
+    shards = [_epoch(data_dir, epoch=2, shard_index=p, shard_count=2) for p in range(2)]
+    plans = [
+        pipeline.train_plan(
+            n, batch_size=g, seed=7, stream=0, epoch=2, shard_index=p, shard_count=2
+        )
+        for p in range(2)
+    ]
+    keys = np.concatenate([plan[0].ravel() for plan in plans])
+    assert len(keys) == len(set(keys.tolist())) == (n // g) * g
+    full_order = pipeline._rng(7, 0, 2, 0).permutation(n)
+    assert set(full_order[(n // g) * g :].tolist()) == set(range(n)) - set(keys.tolist())
+    for step, whole in enumerate(single):
+        parts = [shard[step] for shard in shards]
+        assert parts[0]["image"].shape[0] == 32
+        for field in ("image", "label"):  # global batch independent of the process count
+            np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), whole[field])
+
+
+def test_eval_pads_last_batch_and_counts_every_example_once(data_dir):
+    records = pipeline.open_split("digits", "test", data_dir=data_dir)
+    labels = np.array([records[i]["label"] for i in range(359)])
+    for shard_count in (1, 2, 4):
+        seen, label_sum = [], 0
+        for p in range(shard_count):
+            loader = pipeline.eval_loader(
+                "digits", input_size=S, batch_size=64, data_dir=data_dir,
+                shard_index=p, shard_count=shard_count,
+            )  # fmt: skip
+            assert loader.steps == 6
+            keys = loader.plan()
+            for step, batch in enumerate(loader):
+                assert batch["image"].shape == (64 // shard_count, S, S, 3)
+                assert batch["mask"].dtype == bool
+                np.testing.assert_array_equal(batch["mask"], keys[step] >= 0)
+                assert not batch["image"][~batch["mask"]].any()
+                seen += keys[step][batch["mask"]].tolist()
+                label_sum += int(batch["label"][batch["mask"]].sum())
+        assert sorted(seen) == list(range(359))
+        assert label_sum == labels.sum()
+    in_order = [b["label"][b["mask"]] for b in pipeline.eval_loader(
+        "digits", input_size=S, batch_size=64, data_dir=data_dir)]  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate(in_order), labels)
+
+
+def test_restored_iterator_continues_identically(data_dir):
+    loader = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=1, data_dir=data_dir)
+    reference = list(loader.epoch(3))
+    it = loader.epoch(3)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["epoch"] == 3 and state["step"] == 5
+    fresh = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=1, data_dir=data_dir)
+    resumed = fresh.restore(state)
+    assert len(resumed) == 22 - 5
+    rest = list(resumed)
+    assert len(rest) == 17
+    for x, y in zip(rest, reference[5:], strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    other = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=2, data_dir=data_dir)
+    with pytest.raises(DataError, match="cannot restore"):
+        other.restore(state)
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+    a = _epoch(data_dir, epoch=0)[:4]
+    loader = pipeline.train_loader(
+        "digits", input_size=S, batch_size=64, seed=7, data_dir=data_dir, worker_count=1
+    )
+    it = loader.epoch(0)
+    b = [next(it) for _ in range(4)]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in registry.names() if registry.get(n).source == "catalogue"]
+)
+def test_catalogue_datasets_through_mock_data(name):
+    info = registry.get(name)
+    with tfds.testing.mock_data(num_examples=10):
+        assert registry.builder(name).info.features["label"].num_classes == info.num_classes
+        assert pipeline.num_examples(name, "train") == 10
+        loader = pipeline.train_loader(name, input_size=16, batch_size=4, seed=0)
+        batches = list(loader.epoch(0))
+        assert len(batches) == 2
+        evals = list(pipeline.eval_loader(name, input_size=16, batch_size=4))
+    for batch in batches + evals:
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert ((0 <= batch["label"]) & (batch["label"] < info.num_classes)).all()
+    assert [int(b["mask"].sum()) for b in evals] == [4, 4, 2]
+
+
+def test_registry_entries_follow_the_reference():
+    expected = {
+        "cifar10": (10, 256), "cifar100": (100, 256), "food101": (101, 256),
+        "oxford_flowers102": (102, 128), "dtd": (47, 64), "oxford_iiit_pet": (37, 64),
+        "imagenet2012": (1000, 1024), "tiny_imagenet": (200, 256), "stanford_cars": (196, 128),
+        "fashion_mnist": (10, 256), "digits": (10, 64),
+    }  # fmt: skip
+    assert registry.names() == list(expected)
+    for name, (classes, batch) in expected.items():
+        info = registry.get(name)
+        assert (info.num_classes, info.batch_size) == (classes, batch)
+    assert registry.get("dtd").train_split == registry.get("oxford_flowers102").train_split
+    assert registry.get("dtd").train_split == "train+validation"
+
+
+def test_bad_input_gives_clear_errors(data_dir, tmp_path):
+    with pytest.raises(
+        DataError, match="unknown dataset 'cifar11'; known datasets: cifar10, cifar100"
+    ):
+        registry.get("cifar11")
+    with pytest.raises(DataError, match=r"not prepared.*python -m vpns_jax.data prepare --dataset "
+                       r"digits --data_dir"):  # fmt: skip
+        pipeline.train_loader("digits", input_size=S, batch_size=8, seed=0, data_dir=tmp_path)
+    with pytest.raises(DataError, match="input_size must be a positive integer"):
+        pipeline.train_loader("digits", input_size=0, batch_size=8, seed=0, data_dir=data_dir)
+    with pytest.raises(DataError, match="multiple of shard_count=3"):
+        pipeline.eval_loader(
+            "digits", input_size=S, batch_size=64, data_dir=data_dir, shard_count=3
+        )
+    with pytest.raises(DataError, match="view must be one of"):
+        pipeline.train_loader("digits", view="test", input_size=S, batch_size=8, seed=0)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        pipeline.train_loader("digits", input_size=S, batch_size=2048, seed=0, data_dir=data_dir)
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_train\.tar"):
+        preparation.prepare("imagenet2012", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TF is installed")
+def test_catalogue_prepare_without_tensorflow_points_to_the_extra(tmp_path):
+    with pytest.raises(DataError, match=r"needs TensorFlow.*pip install -e \.\[prepare\]"):
+        preparation.prepare("cifar10", data_dir=tmp_path)
+
+
+def test_cli_show_and_errors(data_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    args = ["show", "--dataset", "digits", "--data_dir", str(data_dir), "--out", str(out)]
+    assert cli.main(args + ["--input_size", "16", "--count", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "train (train): 1438 examples" in printed and "test  (test): 359 examples" in printed
+    assert "classes: 10" in printed and out.stat().st_size > 1000
+    assert cli.main(["show", "--dataset", "nope"]) == 2
+    assert "known datasets" in capsys.readouterr().err
