@@ -1,5 +1,12 @@
 """The generic training engine: state, stage data, optimizers, pure steps and the one loop."""
-from vpns_jax.train.loop import EpochEnd, EpochHook, StageResult, run_stage
+from vpns_jax.train.loop import (
+    EpochEnd,
+    EpochHook,
+    StageResult,
+    evaluate,
+    flm_label_map,
+    run_stage,
+)
 from vpns_jax.train.optim import lr_factor, lr_factors, make_optimizer
 from vpns_jax.train.stages import (
     FROZEN,
@@ -28,7 +35,8 @@ from vpns_jax.train.steps import (
 __all__ = [
     'FROZEN', 'PROMPTED_ONLY', 'TWO_PASSES', 'UNPROMPTED', 'EpochEnd', 'EpochHook',
     'GroupOptimizer', 'Pass', 'Stage', 'StageResult', 'TrainState', 'adam', 'begin_stage',
-    'create_state', 'current_masks', 'eval_step', 'lr_factor', 'lr_factors', 'make_eval_step',
+    'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
+    'lr_factors', 'make_eval_step',
     'make_group_optimizer', 'make_optimizer', 'make_source_predictions', 'make_train_step',
     'passes_preset', 'run_stage', 'sgd', 'source_predictions', 'train_step',
 ]

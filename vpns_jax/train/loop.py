@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from vpns_jax import label_mapping
 from vpns_jax.train import optim, steps
 from vpns_jax.train.stages import Stage
 from vpns_jax.train.state import TrainState
@@ -149,3 +150,50 @@ def run_stage(
         seconds=seconds,
         metrics=metrics,
     )
+
+
+def evaluate(
+    eval_fn: Callable[..., Mapping[str, jax.Array]],
+    state: TrainState,
+    batches: Iterable[Batch],
+    label_map: jax.Array | None = None,
+    put_batch: Callable[[Batch], Batch] | None = None,
+) -> dict[str, float]:
+    """Accuracy over an eval loader (padded rows excluded through 'mask').
+
+    eval_fn: from `steps.make_eval_step(stage, model, spec, prompted=...)`.
+    Returns ``{'accuracy': correct / count, 'loss': mean CE, 'count': count}``.
+    """
+    put = put_batch or (lambda b: b)
+    totals = [eval_fn(state, put(b), label_map) for b in batches]
+    host = jax.device_get(totals)
+    correct = sum(int(t['correct']) for t in host)
+    count = sum(int(t['count']) for t in host)
+    loss = sum(float(t['loss_sum']) for t in host)
+    return {'accuracy': correct / max(count, 1), 'loss': loss / max(count, 1), 'count': count}
+
+
+def flm_label_map(
+    predict_fn: Callable[[TrainState, Batch], jax.Array],
+    state: TrainState,
+    batches: Iterable[Batch],
+    num_source: int,
+    num_target: int,
+    put_batch: Callable[[Batch], Batch] | None = None,
+) -> np.ndarray:
+    """Frequency label mapping i32[T] from one pass over `batches` (reference §2).
+
+    predict_fn: from `steps.make_source_predictions(stage, model, spec, prompted=...)` (eval mode,
+    current mask and prompt). Rows with ``mask == False`` are ignored. For ILM, call this from an
+    epoch hook and return the result.
+    """
+    put = put_batch or (lambda b: b)
+    preds, labels = [], []
+    for b in batches:
+        pred = np.asarray(jax.device_get(predict_fn(state, put(b))))
+        valid = np.asarray(b['mask'], bool) if 'mask' in b else np.ones(pred.shape, bool)
+        preds.append(pred[valid])
+        labels.append(np.asarray(b['label'])[valid])
+    counts = label_mapping.frequency_counts(np.concatenate(preds), np.concatenate(labels),
+                                            num_source, num_target)
+    return np.asarray(label_mapping.greedy_mapping(counts), np.int32)
