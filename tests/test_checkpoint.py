@@ -200,6 +200,15 @@ def test_incompatible_target_or_config_raises(tmp_path):
         ckpt.restore(abstract_state=_abstract(state))
 
 
+def test_python_scalar_leaves(tmp_path):
+    state = {"w": jnp.ones(3), "epoch": 4, "lr": 0.5}
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, {})
+        restored, _ = ckpt.restore(abstract_state=_abstract(state))
+    assert restored["epoch"] == 4 and restored["lr"] == 0.5
+    np.testing.assert_array_equal(restored["w"], np.ones(3))
+
+
 def test_meta_must_be_json(tmp_path):
     with RunCheckpointer(tmp_path / "ckpt") as ckpt, pytest.raises(TypeError, match="JSON"):
         ckpt.save(1, _make_state(), {"x": np.float32(1.0)})

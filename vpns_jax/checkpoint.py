@@ -68,12 +68,15 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _leaf_specs(tree: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """Map each array leaf's path to its (shape, dtype)."""
+def _leaf_specs(tree: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype | None]]:
+    """Map each leaf's path to its (shape, dtype); Python scalars get shape () and no dtype."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            out[tuple(_key_name(k) for k in path)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+        key = tuple(_key_name(k) for k in path)
+        if isinstance(leaf, int | float | complex):  # bool is an int; orbax widens these
+            out[key] = ((), None)
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            out[key] = (tuple(leaf.shape), np.dtype(leaf.dtype))
     return out
 
 
@@ -89,7 +92,7 @@ def _mismatches(abstract: PyTree, stored: PyTree) -> list[str]:
             problems.append(f"{name}: in the checkpoint but not in the target")
         elif want[path][0] != have[path][0]:
             problems.append(f"{name}: shape {have[path][0]} stored, {want[path][0]} expected")
-        elif want[path][1] != have[path][1]:
+        elif None not in (want[path][1], have[path][1]) and want[path][1] != have[path][1]:
             problems.append(f"{name}: dtype {have[path][1]} stored, {want[path][1]} expected")
     return problems
 
@@ -281,13 +284,19 @@ class RunCheckpointer:
             ) from e
 
     def wait(self) -> None:
-        """Block until every started save is complete on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is complete on disk (a failed one raises here)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(
+                f"a checkpoint save in {self.directory} failed ({_short(e)}); check the disk "
+                "space and permissions of the workdir"
+            ) from e
 
     def close(self) -> None:
         """Wait for pending saves, then release orbax's resources."""
         try:
-            self._manager.wait_until_finished()
+            self.wait()
         finally:
             self._manager.close()
 
