@@ -200,13 +200,16 @@ def test_incompatible_target_or_config_raises(tmp_path):
         ckpt.restore(abstract_state=_abstract(state))
 
 
-def test_python_scalar_leaves(tmp_path):
-    state = {"w": jnp.ones(3), "epoch": 4, "lr": 0.5}
+def test_scalars_typed_keys_and_empty_groups(tmp_path):
+    state = {"w": jnp.ones(3), "epoch": 4, "lr": 0.5, "rng": jax.random.key(3), "scores": {}}
     with RunCheckpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(1, state, {})
         restored, _ = ckpt.restore(abstract_state=_abstract(state))
-    assert restored["epoch"] == 4 and restored["lr"] == 0.5
+    assert restored["epoch"] == 4 and restored["lr"] == 0.5 and restored["scores"] == {}
     np.testing.assert_array_equal(restored["w"], np.ones(3))
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(jax.random.key(3))
+    )
 
 
 def test_meta_must_be_json(tmp_path):
