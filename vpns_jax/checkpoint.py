@@ -171,7 +171,7 @@ class RunCheckpointer:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """Newest complete checkpoint's step, or None when there is none."""
+        """Newest checkpoint's step (a save in flight counts; `restore` waits for it), or None."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 
