@@ -162,6 +162,17 @@ class _Transform:
         return transforms.eval_transform(image, self.input_size)
 
 
+def _read(records, keys: np.ndarray) -> list[Mapping[str, Any]]:
+    """Records at ``keys``, in one bulk read when the source supports it (array_record does)."""
+    keys = [int(k) for k in keys]
+    if keys and hasattr(records, "__getitems__"):
+        try:
+            return list(records.__getitems__(keys))
+        except TypeError:  # tfds.testing.mock_data's source has a broken __getitems__
+            pass
+    return [records[k] for k in keys]
+
+
 class _BatchSource(grain.RandomAccessDataSource):
     """Random-access source whose element ``i`` is the ``i``-th local batch (decoded and
     transformed)."""
@@ -185,11 +196,9 @@ class _BatchSource(grain.RandomAccessDataSource):
         size = self._transform.input_size
         images = np.zeros((len(keys), size, size, 3), np.float32)
         labels = np.zeros((len(keys),), np.int32)
-        for i, (key, position) in enumerate(zip(keys, self._positions[index], strict=True)):
-            if key < 0:
-                continue
-            record = self._records[int(key)]
-            images[i] = self._transform(np.asarray(record["image"]), int(position))
+        valid = np.flatnonzero(keys >= 0)
+        for i, record in zip(valid, _read(self._records, keys[valid]), strict=True):
+            images[i] = self._transform(np.asarray(record["image"]), int(self._positions[index][i]))
             labels[i] = int(record["label"])
         batch = {"image": images, "label": labels}
         if self._with_mask:
