@@ -222,6 +222,8 @@ def test_bad_input_gives_clear_errors(data_dir, tmp_path):
         pipeline.eval_loader(
             "digits", input_size=S, batch_size=64, data_dir=data_dir, shard_count=3
         )
+    with pytest.raises(DataError, match="seed must be a non-negative integer"):
+        pipeline.train_loader("digits", input_size=S, batch_size=8, seed=-1, data_dir=data_dir)
     with pytest.raises(DataError, match="view must be one of"):
         pipeline.train_loader("digits", view="test", input_size=S, batch_size=8, seed=0)
     with pytest.raises(DataError, match="fewer than one global batch"):

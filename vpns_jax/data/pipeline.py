@@ -468,6 +468,8 @@ def train_loader(
     if view not in VIEW_STREAMS:
         raise DataError(f"view must be one of {sorted(VIEW_STREAMS)}, got {view!r}")
     transforms.check_input_size(input_size)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     records = open_split(name, "train", data_dir=data_dir)
     return TrainLoader(
         name, records, view=view, input_size=input_size, batch_size=batch_size, seed=seed,
