@@ -26,9 +26,23 @@ STAGE = Stage('mask_finding', 3, scores=adam(0.05, 1e-2), prompt=adam(0.05, 1e-2
 ITERS = 2
 
 
+class SeekLoader:
+    """Like data.pipeline.TrainLoader: ``epoch(e, start_step=k)`` and ``len``."""
+
+    def __init__(self, make):
+        self.make, self.starts = make, []
+
+    def epoch(self, e, start_step=0):
+        self.starts.append((e, start_step))
+        return iter(self.make(e)[start_step:])
+
+    def __len__(self):
+        return ITERS
+
+
 def loaders():
-    """Deterministic per epoch: epoch -> list of batches; the two views differ."""
-    return {'prompt': lambda e: [batch(100 * e + i) for i in range(ITERS)],
+    """Deterministic per epoch; the two views differ; 'prompt' seeks, 'train' is a callable."""
+    return {'prompt': SeekLoader(lambda e: [batch(100 * e + i) for i in range(ITERS)]),
             'train': lambda e: [batch(100 * e + 50 + i) for i in range(ITERS + 1)]}
 
 
@@ -85,11 +99,14 @@ def test_resume_from_epoch_and_mid_epoch_equals_uninterrupted(variables, full_ru
                               label_map=jnp.asarray(LABEL_MAP), log_every=0)
     assert leaves_equal_bits(snapshot(state.scores), seen[0][2])
     step = steps.make_train_step(STAGE, TinyNet(), SPEC)
-    first = {v: loaders()[v](1)[0] for v in ('prompt', 'train')}
+    first = {'prompt': next(loaders()['prompt'].epoch(1)), 'train': loaders()['train'](1)[0]}
     state, _ = step(state, first, new_map, optim.lr_factors(STAGE, 1))
-    state, result = loop.run_stage(STAGE, state, TinyNet(), loaders(), prompt_spec=SPEC,
+    assert loop.resume_position(state, ITERS) == (1, 1)
+    resumed = loaders()
+    state, result = loop.run_stage(STAGE, state, TinyNet(), resumed, prompt_spec=SPEC,
                                    label_map=new_map, start_epoch=1, start_iteration=1,
                                    log_every=0)
+    assert resumed['prompt'].starts == [(1, 1), (2, 0)]
     assert result.iterations == 2 * ITERS - 1
     state = snapshot(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
@@ -122,3 +139,18 @@ def test_evaluate_and_flm_label_map(variables):
     np.add.at(counts, (preds[valid], labels[valid]), 1)
     s, c = np.unravel_index(np.argmax(counts), counts.shape)
     assert mapping[c] == s
+
+
+def test_ilm_hook_remaps_from_the_next_epoch(variables):
+    state = fresh(variables)
+    predict = steps.make_source_predictions(STAGE, TinyNet(), SPEC, prompted=True)
+    asked = []
+
+    def batches(e):
+        asked.append(e)
+        return [batch(200 + e)]
+
+    hook = loop.make_ilm_hook(predict, batches, 10, 3)
+    mapping = hook(loop.EpochEnd(STAGE, 0, state, None, {}))
+    assert asked == [1]
+    np.testing.assert_array_equal(mapping, loop.flm_label_map(predict, state, [batch(201)], 10, 3))

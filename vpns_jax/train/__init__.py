@@ -5,6 +5,8 @@ from vpns_jax.train.loop import (
     StageResult,
     evaluate,
     flm_label_map,
+    make_ilm_hook,
+    resume_position,
     run_stage,
 )
 from vpns_jax.train.optim import lr_factor, lr_factors, make_optimizer
@@ -36,7 +38,7 @@ __all__ = [
     'FROZEN', 'PROMPTED_ONLY', 'TWO_PASSES', 'UNPROMPTED', 'EpochEnd', 'EpochHook',
     'GroupOptimizer', 'Pass', 'Stage', 'StageResult', 'TrainState', 'adam', 'begin_stage',
     'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
-    'lr_factors', 'make_eval_step',
+    'lr_factors', 'make_eval_step', 'make_ilm_hook', 'resume_position',
     'make_group_optimizer', 'make_optimizer', 'make_source_predictions', 'make_train_step',
     'passes_preset', 'run_stage', 'sgd', 'source_predictions', 'train_step',
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,9 +17,10 @@ from vpns_jax.train.stages import Stage
 from vpns_jax.train.state import TrainState
 
 Batch = Mapping[str, Any]
-# Per view: a callable epoch -> iterable of batches (preferred: deterministic per epoch, can
-# resume), or an iterable that yields one epoch each time it is iterated.
-EpochSource = Callable[[int], Iterable[Batch]] | Iterable[Batch]
+# Per view, one of: an object with ``epoch(e, start_step=k)`` (`data.pipeline.TrainLoader`: seeks),
+# a callable ``e -> iterable`` (deterministic per epoch), or an iterable yielding one epoch per
+# ``iter()``. The last two skip resumed batches by consuming them.
+EpochSource = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +52,25 @@ class StageResult:
     metrics: dict[str, float]
 
 
-def _epoch_iter(source: EpochSource, epoch: int) -> Iterable[Batch]:
-    return source(epoch) if callable(source) else source
+def _epoch_iter(source: EpochSource, epoch: int, skip: int) -> Iterator[Batch]:
+    """Iterator over `epoch` of `source`, positioned after `skip` batches."""
+    if callable(getattr(source, 'epoch', None)):
+        return iter(source.epoch(epoch, start_step=skip))
+    batches = source(epoch) if callable(source) else source
+    return itertools.islice(iter(batches), skip, None)
 
 
-def _length(iterable: Iterable[Batch]) -> int | None:
+def _length(obj: Any) -> int | None:
     try:
-        return len(iterable)  # type: ignore[arg-type]
+        return len(obj)
     except TypeError:
         return None
+
+
+def resume_position(state: TrainState, steps_per_epoch: int) -> tuple[int, int]:
+    """(start_epoch, start_iteration) of a restored state (`state.step` counts stage iterations)."""
+    step = int(jax.device_get(state.step))
+    return step // steps_per_epoch, step % steps_per_epoch
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -105,11 +116,11 @@ def run_stage(
     steps_per_epoch: int | None = None
     for epoch in range(start_epoch, stage.epochs):
         factors = optim.lr_factors(stage, epoch)
-        sources = [_epoch_iter(loaders[v], epoch) for v in stage.views]
-        lengths = [n for n in map(_length, sources) if n is not None]
-        steps_per_epoch = min(lengths) if lengths else steps_per_epoch
         skip = start_iteration if epoch == start_epoch else 0
-        zipped = itertools.islice(zip(*sources, strict=False), skip, None)
+        sources = [_epoch_iter(loaders[v], epoch, skip) for v in stage.views]
+        lengths = [n for n in (_length(loaders[v]) for v in stage.views) if n is not None]
+        steps_per_epoch = min(lengths) if lengths else steps_per_epoch
+        zipped = zip(*sources, strict=False)
         history = []
         mark, mark_images, mark_iterations = time.perf_counter(), images, iterations
         for i, views in enumerate(zipped, start=skip):
@@ -197,3 +208,18 @@ def flm_label_map(
     counts = label_mapping.frequency_counts(np.concatenate(preds), np.concatenate(labels),
                                             num_source, num_target)
     return np.asarray(label_mapping.greedy_mapping(counts), np.int32)
+
+
+def make_ilm_hook(
+    predict_fn: Callable[[TrainState, Batch], jax.Array],
+    batches: Callable[[int], Iterable[Batch]],
+    num_source: int,
+    num_target: int,
+) -> EpochHook:
+    """Iterative label mapping (ILM-VP): after every epoch e, re-run FLM over ``batches(e + 1)``
+    through the current prompt and mask, and use the new mapping from the next epoch on."""
+
+    def hook(end: EpochEnd) -> np.ndarray:
+        return flm_label_map(predict_fn, end.state, batches(end.epoch + 1), num_source, num_target)
+
+    return hook
