@@ -64,10 +64,11 @@ def _split_name(info: registry.DatasetInfo, split: str) -> str:
 
 
 def open_split(name: str, split: Literal["train", "test"], *, data_dir=None):
-    """The random-access TFDS data source of ``name``'s train or test split (records are dicts with
-    a
-    decoded uint8 'image' ``[H, W, C]`` and an int 'label'). DataError if the dataset is not
-    prepared."""
+    """Random-access TFDS data source of ``name``'s train or test split.
+
+    Records are dicts with a decoded uint8 'image' ``[H, W, C]`` and an int 'label'. DataError if
+    the dataset is not prepared (the message names the prepare command).
+    """
     info = registry.get(name)
     builder = registry.builder(name, data_dir=data_dir)
     try:
@@ -133,8 +134,7 @@ def train_plan(
 
 
 def eval_plan(n: int, *, batch_size: int, shard_index: int, shard_count: int) -> np.ndarray:
-    """Record keys int64 ``[ceil(n / batch_size), batch_size // shard_count]`` in order, −1 =
-    padding."""
+    """Record keys int64 ``[ceil(n / G), G // shard_count]`` in order (G = batch_size), −1 = pad."""
     local = local_batch_size(batch_size, shard_count)
     steps = math.ceil(n / batch_size)
     keys = np.arange(steps * batch_size, dtype=np.int64)
@@ -174,8 +174,7 @@ def _read(records, keys: np.ndarray) -> list[Mapping[str, Any]]:
 
 
 class _BatchSource(grain.RandomAccessDataSource):
-    """Random-access source whose element ``i`` is the ``i``-th local batch (decoded and
-    transformed)."""
+    """Random-access source whose element ``i`` is local batch ``i``, decoded and transformed."""
 
     def __init__(
         self,
@@ -274,8 +273,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able position: {'epoch', 'step', 'loader': fingerprint}; see
-        ``TrainLoader.restore``."""
+        """JSON-able position {'epoch', 'step', 'loader'}, for ``TrainLoader.restore``."""
         return {"epoch": self.epoch, "step": self.step, "loader": dict(self._fingerprint)}
 
 
@@ -337,8 +335,7 @@ class TrainLoader:
         }  # fmt: skip
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(record keys, global positions) int64 ``[steps_per_epoch, local_batch_size]`` of
-        ``epoch``."""
+        """(record keys, global positions) of ``epoch``, int64 ``[steps_per_epoch, local_B]``."""
         return train_plan(
             self.num_examples, batch_size=self.batch_size, seed=self.seed, stream=self._stream,
             epoch=epoch, shard_index=self.shard_index, shard_count=self.shard_count,
@@ -362,8 +359,7 @@ class TrainLoader:
         )  # fmt: skip
 
     def restore(self, state: Mapping[str, Any]) -> BatchIterator:
-        """Continues a ``BatchIterator.get_state()`` (same loader settings required, else
-        DataError)."""
+        """Continues from ``BatchIterator.get_state()``; DataError if saved by another setup."""
         if dict(state.get("loader", {})) != self.fingerprint:
             raise DataError(
                 f"cannot restore data iterator: saved for {state.get('loader')}, this loader is "

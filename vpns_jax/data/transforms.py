@@ -29,14 +29,12 @@ def check_input_size(input_size: int) -> int:
 
 
 def train_resize_size(input_size: int) -> int:
-    """Side of the square resize before the random crop: floor(1.125 · input_size) (252 for 224, 36
-    for 32)."""
+    """Side of the square resize before the crop: floor(1.125 · input_size) (224 → 252, 32 → 36)."""
     return (9 * check_input_size(input_size)) // 8
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 ``[H, W]``/``[H, W, 1]``/``[H, W, 3]``/``[H, W, 4]`` → uint8 ``[H, W, 3]`` (grey
-    repeated)."""
+    """uint8 ``[H, W]``, ``[H, W, 1|3|4]`` → uint8 ``[H, W, 3]`` (grey repeated, alpha dropped)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise DataError(f"images must be uint8, got {image.dtype}")
@@ -52,8 +50,7 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``[H, W, C]`` → uint8 ``[size, size, 3]`` with PIL bilinear (torchvision ``Resize((s,
-    s))``)."""
+    """uint8 ``[H, W, C]`` → uint8 ``[size, size, 3]``, PIL bilinear (torchvision ``Resize``)."""
     pil = Image.fromarray(to_rgb(image))
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.Resampling.BILINEAR)
@@ -80,8 +77,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 def train_transform(image: np.ndarray, input_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Train view: resize to floor(1.125·S)², random crop S², random flip → f32 ``[S, S, 3]`` in [0,
-    1]."""
+    """Train view: resize to floor(1.125·S)², random crop S², random flip → f32 ``[S, S, 3]``."""
     resized = train_resize_size(input_size)
     big = resize_square(image, resized)
     top, left, flip = crop_flip_params(rng, resized, input_size)

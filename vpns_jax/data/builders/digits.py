@@ -32,8 +32,7 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Stratified split → {'train': int64[1438], 'test': int64[359]} (sorted indices), see module
-    doc."""
+    """Stratified split → {'train': int64[1438], 'test': int64[359]} (sorted; see module doc)."""
     rng = np.random.default_rng(SPLIT_SEED)
     train, test = [], []
     for c in np.unique(labels):

@@ -1,5 +1,4 @@
-"""A read-only view of a directory tree or of a zip archive, addressed by '/'-separated relative
-paths."""
+"""A read-only view of a directory tree or a zip archive, addressed by '/'-separated paths."""
 
 from __future__ import annotations
 

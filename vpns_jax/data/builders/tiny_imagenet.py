@@ -46,8 +46,7 @@ def find_tree(manual_dir: str) -> FileTree:
 
 
 def index_tree(tree: FileTree) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """(sorted wnids, {'train': [(path, label)], 'validation': [(path, label)]}); DataError if
-    incomplete."""
+    """(sorted wnids, {'train'|'validation': [(path, label)]}); DataError if incomplete."""
     paths = tree.paths()
     present = set(paths)
     where = tree.describe()
