@@ -22,7 +22,7 @@ from test_train_support import (
 
 from vpns_jax import prompts, sparsity
 from vpns_jax.train import optim, steps
-from vpns_jax.train.stages import TWO_PASSES, UNPROMPTED, Stage, adam, sgd
+from vpns_jax.train.stages import PROMPTED_ONLY, TWO_PASSES, UNPROMPTED, Stage, adam, sgd
 from vpns_jax.train.state import begin_stage, create_state
 
 DENSITY = 0.5
@@ -295,3 +295,23 @@ def test_unprompted_stage_needs_no_prompt(setup):
     assert leaves_equal_bits(before.params, snapshot(state.params))
     for path, m in steps.current_masks(state, stage).items():  # layer scope: per-layer count
         assert m.size - int(np.sum(m)) == math.floor(0.7 * m.size), path
+
+
+def test_prompted_only_is_one_prompted_pass_on_the_train_view(setup):
+    """Paper reading: one prompted pass per iteration, fed the augmented ('train' view) batch."""
+    variables, scores, program, _, bt = setup
+    stage = Stage('mf_paper', 2, scores=adam(LR, WD), prompt=adam(LR, WD), passes=PROMPTED_ONLY,
+                  mask_mode='learned', density=DENSITY)
+    state = fresh_state(setup, stage)
+    after, metrics = steps.make_train_step(stage, TinyNet(), SPEC)(
+        state, {'train': bt}, jnp.asarray(LABEL_MAP), optim.lr_factors(stage, 0))
+    assert set(metrics) == {'pass0/loss', 'pass0/accuracy'}
+    tau0 = hand_tau(scores, DENSITY)
+    (_, _), (gs, gp) = jax.value_and_grad(
+        lambda s, p: hand_loss(variables['params'], variables['batch_stats'], ste(s, tau0), p,
+                               bt, True), argnums=(0, 1), has_aux=True)(scores, program['program'])
+    prog1 = adam_hand(np.asarray(program['program'], np.float64), np.asarray(gp), 0.0, 0.0, 1)[0]
+    np.testing.assert_allclose(after.prompt['program'], prog1, rtol=1e-4, atol=1e-6)
+    for p, g in gs.items():
+        s1 = adam_hand(np.asarray(scores[p], np.float64), np.asarray(g), 0.0, 0.0, 1)[0]
+        np.testing.assert_allclose(after.scores[p], s1, rtol=2e-4, atol=2e-6)

@@ -30,6 +30,7 @@ from vpns_jax.train.steps import (
     make_eval_step,
     make_source_predictions,
     make_train_step,
+    pass_step,
     source_predictions,
     train_step,
 )
@@ -40,5 +41,5 @@ __all__ = [
     'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
     'lr_factors', 'make_eval_step', 'make_ilm_hook', 'resume_position',
     'make_group_optimizer', 'make_optimizer', 'make_source_predictions', 'make_train_step',
-    'passes_preset', 'run_stage', 'sgd', 'source_predictions', 'train_step',
+    'pass_step', 'passes_preset', 'run_stage', 'sgd', 'source_predictions', 'train_step',
 ]

@@ -51,10 +51,14 @@ def head_logits(logits: jax.Array, label_map: jax.Array | None) -> jax.Array:
     return logits if label_map is None else label_mapping.map_logits(logits, label_map)
 
 
-def _pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
+def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
                factors: Mapping[str, jax.Array], *, index: int, pass_: Pass, stage: Stage,
                model: Any, prompt_spec: Any) -> tuple[TrainState, Metrics]:
-    """One pass: forward (BN in train mode), CE loss, gradient, one step of the active groups."""
+    """One pass: forward (BN in train mode), CE loss, gradient, one step of the active groups.
+
+    `index` is the pass's position in the iteration (it salts the RNG and names the metrics).
+    `train_step` chains the passes of a stage; call this directly only to instrument one pass.
+    """
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), index)
     # The prompt gets no gradient and no update in an un-prompted pass (reference ambiguity 3).
     active = tuple(g for g in stage.trainable_groups if g != 'prompt' or pass_.prompted)
@@ -105,7 +109,7 @@ def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.A
     """
     metrics: Metrics = {}
     for index, pass_ in enumerate(stage.passes):
-        state, m = _pass_step(state, batches[pass_.view], label_map, factors, index=index,
+        state, m = pass_step(state, batches[pass_.view], label_map, factors, index=index,
                               pass_=pass_, stage=stage, model=model, prompt_spec=prompt_spec)
         metrics.update(m)
     return state.replace(step=state.step + 1), metrics
