@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vpns_jax.train.stages import GROUPS, GroupOptimizer, Stage
@@ -70,9 +70,10 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     raise ValueError(f'unknown schedule {schedule!r}')
 
 
-def lr_factors(stage: Stage, epoch: int) -> dict[str, jax.Array]:
-    """Per-group lr multipliers for `epoch`, f32 scalars (a jit argument: no retrace per epoch)."""
-    return {g: jnp.float32(lr_factor(stage.group(g).schedule, epoch, stage.epochs)) for g in GROUPS}
+def lr_factors(stage: Stage, epoch: int) -> dict[str, np.float32]:
+    """Per-group lr multipliers for `epoch`: host f32 scalars, so a jit argument that neither
+    retraces per epoch nor pins a device (safe with multi-host meshes)."""
+    return {g: np.float32(lr_factor(stage.group(g).schedule, epoch, stage.epochs)) for g in GROUPS}
 
 
 def apply_updates(
