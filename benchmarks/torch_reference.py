@@ -1,8 +1,9 @@
-"""Plain-PyTorch ResNet-18/34/50 (v1.5) and VGG-16/VGG-16-BN with torchvision's exact state-dict keys.
+"""Plain-PyTorch ResNet-18/34/50 (v1.5), VGG-16 and VGG-16-BN with torchvision's state-dict keys.
 
-Independent of vpns_jax (reference for parity tests and benchmarks). `build(arch)` at defaults has the
-same keys, shapes and parameter counts as `torchvision.models.<arch>()`; `width` scales every conv and
-hidden width (round, ≥1) and `small_input` uses a 3×3/1 ResNet stem without max-pool, like vpns_jax.
+Independent of vpns_jax (reference for parity tests and benchmarks). `build(arch)` at defaults has
+the same keys (and order), shapes and parameter counts as `torchvision.models.<arch>()`; `width`
+scales every conv and hidden width (round, ≥1) and `small_input` uses a 3×3/1 ResNet stem
+without max-pool, like vpns_jax.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
 
     width: multiplier on every conv/hidden width (rounded, ≥1). small_input: ResNet 3×3/1 stem
     without max-pool (VGG unchanged). dtype: computation dtype (params stay float32).
-    Call: `model.apply(v, x, train=False)` or `model.apply(v, x, train=True, mutable=['batch_stats'])`.
+    Call: `model.apply(v, x, train=False)`, or in train mode
+    `model.apply(v, x, train=True, mutable=['batch_stats'])`.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(ARCHS)}")
@@ -42,8 +43,8 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
 def init_variables(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:
     """Initialize `{'params', 'batch_stats'}` with a [1, input_size, input_size, 3] dummy input.
 
-    Pure (works under `jax.jit` / `jax.eval_shape` with `model` and `input_size` static). Models without
-    BN get `batch_stats = {}`.
+    Pure (works under `jax.jit` / `jax.eval_shape` with `model` and `input_size` static). Models
+    without BN get `batch_stats = {}`.
     """
     x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
     variables = model.init({"params": rng}, x, train=False)

@@ -1,4 +1,4 @@
-"""Layers with PyTorch semantics: BatchNorm, convolution/dense with torchvision's init, adaptive pooling."""
+"""Layers with PyTorch semantics: BatchNorm, torchvision-initialized conv, adaptive avg pooling."""
 from __future__ import annotations
 
 import math
@@ -34,9 +34,10 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Dtype
 class BatchNorm(nn.Module):
     """PyTorch BatchNorm over the last (channel) axis.
 
-    Params `scale`, `bias`; batch_stats `mean`, `var` (all f32[C]). Train mode normalizes with the batch
-    mean and *biased* batch variance and updates running stats as new = (1-m)·old + m·batch, using the
-    *unbiased* batch variance (m = momentum = 0.1, PyTorch's convention). Eval mode uses running stats.
+    Params `scale`, `bias`; batch_stats `mean`, `var` (all f32[C]). Train mode normalizes with the
+    batch mean and *biased* batch variance and updates running stats as new = (1-m)·old + m·batch,
+    using the *unbiased* batch variance (m = momentum = 0.1, PyTorch's convention). Eval mode uses
+    the running stats.
     Statistics are computed in float32 whatever the computation dtype.
     """
 

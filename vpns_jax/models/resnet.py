@@ -1,4 +1,4 @@
-"""torchvision ResNet-18/34/50 (v1.5: the bottleneck's stride is on its 3×3 conv) in Flax Linen, NHWC.
+"""torchvision ResNet-18/34/50 in Flax Linen, NHWC (v1.5: bottleneck stride on its 3×3 conv).
 
 Module names follow torchvision's state-dict keys with '.' → '_' before an index (`layer1_0`,
 `downsample_0`), so `vpns_jax.weights.torch_key` maps every parameter one-to-one.
@@ -67,7 +67,8 @@ class ResNet(nn.Module):
     """torchvision ResNet. Input x f32[B, H, W, 3] (normalized), output logits f32[B, num_classes].
 
     `width` scales every conv width (round, ≥1); `small_input` swaps the 7×7/2 stem + max-pool for a
-    3×3/1 conv without pool (for 32×32-scale inputs). `dtype` is the computation dtype; params are f32.
+    3×3/1 conv without pool (for 32×32-scale inputs). `dtype` is the computation dtype; params are
+    float32 and logits are returned in float32.
     """
 
     block: type[nn.Module]

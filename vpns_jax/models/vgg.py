@@ -25,10 +25,10 @@ _linear_init = nn.initializers.normal(0.01)
 class VGG(nn.Module):
     """torchvision VGG. x f32[B, H, W, 3] (normalized, H, W ≥ 32) → logits f32[B, num_classes].
 
-    `width` scales every conv width and the two 4096 hidden widths (round, ≥1). `small_input` has no
-    effect (the adaptive pool handles small inputs). Dropout (p=0.5) is active only when `train=True`
-    AND a 'dropout' rng is passed (`rngs={'dropout': key}`); otherwise it is the identity, as in
-    eval mode.
+    `width` scales every conv width and the two 4096 hidden widths (round, ≥1). `small_input` has
+    no effect (the adaptive pool handles small inputs). Dropout (p=0.5) is active only when
+    `train=True` AND a 'dropout' rng is passed (`rngs={'dropout': key}`); otherwise it is the
+    identity, as in eval mode.
     """
 
     cfg: tuple[int | str, ...] = VGG16_CFG

@@ -1,9 +1,9 @@
-"""Import torchvision/timm weights into the project format, load/save it, export back to torchvision.
+"""torchvision/timm weights → project format (load/save) → back to torchvision layout.
 
 Project format: ONE `.safetensors` file with float32 tensors keyed `params/<flax path>` and
 `batch_stats/<flax path>`, and JSON metadata under the header key 'vpns_jax':
-`{format_version, arch, options (kwargs of models.create), source {file, sha256}, num_batches_tracked
-{torch key: int}, source_dtypes {torch key: dtype, only non-float32}, notes}`.
+`{format_version, arch, options (kwargs of models.create), source {file, sha256},
+num_batches_tracked {torch key: int}, source_dtypes {torch key: dtype, only non-float32}, notes}`.
 CLI: `python -m vpns_jax.weights convert|export ...` (see `__main__`).
 """
 from __future__ import annotations
@@ -38,8 +38,9 @@ FORMAT_VERSION = 1
 META_KEY = "vpns_jax"
 _HOW_TO_GET = (
     "Get torchvision weights on a connected machine, e.g. `torch.hub.load_state_dict_from_url("
-    "torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)` (file in ~/.cache/torch/hub/checkpoints/), "
-    "copy the .pth here, then `python -m vpns_jax.weights convert --arch ARCH --src FILE --out OUT`.")
+    "torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)` (it lands in "
+    "~/.cache/torch/hub/checkpoints/), copy the .pth here, then "
+    "`python -m vpns_jax.weights convert --arch ARCH --src FILE --out OUT`.")
 
 __all__ = ["convert", "export", "expected_shapes", "flax_path", "load", "read_state_dict", "save",
            "to_torch_state_dict", "torch_key"]
@@ -74,8 +75,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read a torchvision/timm state dict (.pth zip or legacy, or .safetensors) as numpy arrays.
 
-    Unwraps a dict nested under 'state_dict' or 'model', strips a 'module.' prefix and renames timm's
-    VGG head to torchvision's. Returns (state dict with torchvision names, notes on what was changed).
+    Unwraps a dict nested under 'state_dict' or 'model', strips a 'module.' prefix and renames
+    timm's VGG head to torchvision's. Returns (state dict with torchvision names, notes on changes).
     """
     path = Path(path)
     _check_exists(path, "Weights file")
@@ -90,7 +91,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], lis
             notes.append(f"state dict nested under {wrapper!r}")
             break
     if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{path}: expected a state dict (name → tensor), got {type(obj).__name__}.")
+        raise WeightsError(
+            f"{path}: expected a state dict (name → tensor), got {type(obj).__name__}.")
     bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise WeightsError(f"{path}: entries that are not tensors: {bad[:5]} ({len(bad)} in all); "
@@ -142,7 +144,7 @@ def _mismatch(path: Path | str, arch: str, options: Mapping[str, Any], missing: 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, options: Mapping[str, Any],
                        *, name: str = "<state dict>") -> tuple[dict[str, Any], dict[str, Any]]:
-    """torchvision-named state dict → (variables {'params', 'batch_stats'} of float32 numpy, torch meta).
+    """torchvision-named state dict → ({'params', 'batch_stats'} of float32 numpy, torch meta).
 
     Strict: every model variable filled, every source tensor used except `num_batches_tracked`
     (kept in the returned meta), every shape checked.
@@ -160,7 +162,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, options: Mapp
         used.add(key)
         value = to_flax(np.asarray(state[key]))
         if tuple(value.shape) != layout[path]:
-            wrong.append(f"{key} {shapes[key]} vs expected {tuple(to_torch(np.zeros(layout[path])).shape)}")
+            want = tuple(to_torch(np.zeros(layout[path], np.int8)).shape)
+            wrong.append(f"{key} {shapes[key]} vs expected {want}")
             continue
         if value.dtype != np.float32:
             if not np.issubdtype(value.dtype, np.floating):
@@ -203,8 +206,9 @@ def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
          torch_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write variables in the project format; returns the metadata written.
 
-    options: kwargs of `models.create` (num_classes, width, small_input). source: a file path (its name
-    and sha256 are recorded), a dict (recorded as is, e.g. {'proxy': 'fashion_mnist'}), or None.
+    options: kwargs of `models.create` (num_classes, width, small_input). source: a file path (its
+    name and sha256 are recorded), a dict (recorded as is, e.g. {'proxy': 'fashion_mnist'}), or
+    None.
     torch_meta: {'num_batches_tracked', 'source_dtypes'} from conversion (restored by export).
     """
     if arch not in models.ARCHS:
@@ -233,9 +237,10 @@ def load(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any]]:
     _check_exists(path, "Project weights file")
     tensors, header = _read_safetensors(path)
     if META_KEY not in header:
-        raise WeightsError(f"{path}: not a vpns_jax weights file (no '{META_KEY}' metadata). If it is "
-                           f"a torchvision/timm checkpoint, convert it first: python -m vpns_jax.weights "
-                           f"convert --arch ARCH --src {path} --out OUT.safetensors")
+        raise WeightsError(f"{path}: not a vpns_jax weights file (no '{META_KEY}' metadata). "
+                           "If it is a torchvision/timm checkpoint, convert it first: "
+                           f"python -m vpns_jax.weights convert --arch ARCH --src {path} "
+                           "--out OUT.safetensors")
     try:
         meta = json.loads(header[META_KEY])
         arch, options = meta["arch"], dict(meta["options"])
@@ -291,7 +296,8 @@ def convert(arch: str, src: str | os.PathLike, out: str | os.PathLike, *,
             check_forward: bool = True) -> dict[str, Any]:
     """Convert a torchvision/timm checkpoint to the project format; returns the metadata written.
 
-    num_classes None → taken from the file's head. check_forward runs one eval forward (finite logits).
+    num_classes None → taken from the file's head. check_forward runs one eval forward and
+    requires finite logits.
     """
     src = Path(src)
     if arch not in models.ARCHS:

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                            width=args.width, small_input=args.small_input,
                            check_forward=not args.no_check)
             notes = "; ".join(meta.get("notes", [])) or "none"
-            print(f"wrote {args.out}: {meta['arch']} {meta['options']} from {meta['source']['file']} "
+            src = meta["source"]["file"]
+            print(f"wrote {args.out}: {meta['arch']} {meta['options']} from {src} "
                   f"(sha256 {meta['source']['sha256'][:12]}…); key changes: {notes}")
         else:
             state = export(args.src, args.out)

@@ -1,11 +1,12 @@
 """The one mapping between Flax variable paths and torchvision state-dict keys, and layout guessing.
 
 Flax path ('/'-joined, collection first) ↔ torch key:
-  params/layer1_0/conv1/kernel      ↔ layer1.0.conv1.weight        (conv: HWIO ↔ OIHW; dense: IO ↔ OI)
+  params/layer1_0/conv1/kernel  ↔ layer1.0.conv1.weight    (conv: HWIO ↔ OIHW; dense: IO ↔ OI)
   params/layer1_0/bn1/scale         ↔ layer1.0.bn1.weight
   params/.../bias                   ↔ ....bias
   batch_stats/.../mean | var        ↔ ....running_mean | running_var
-A module name `<name>_<index>` (layer1_0, downsample_0, features_0, classifier_6) ↔ `<name>.<index>`.
+A module name `<name>_<index>` (layer1_0, downsample_0, features_0, classifier_6) ↔
+`<name>.<index>`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def torch_key(flax_path: str) -> str:
 def flax_path(key: str, ndim: int) -> str:
     """Inverse of `torch_key`: 'layer1.0.bn1.weight' (ndim 1) → 'params/layer1_0/bn1/scale'.
 
-    `ndim` (of the torch tensor) tells a conv/dense `weight` (kernel, ndim ≥ 2) from a BN one (scale).
+    `ndim` (of the torch tensor) tells a conv/dense `weight` (kernel, ndim ≥ 2) from a BN one
+    (scale).
     """
     *parts, leaf = key.split(".")
     if leaf == "weight":
@@ -107,9 +109,9 @@ _TIMM_VGG = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.
 def normalize_keys(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Bring a state dict to torchvision names; return it and the notes on what was changed.
 
-    Handles: nesting under 'state_dict'/'model' (done by the reader), a 'module.' prefix (DataParallel),
-    and timm's VGG head (`pre_logits.fc1/fc2` as 7×7/1×1 convs, `head.fc`), reshaped to torchvision's
-    Linear weights. timm ResNet keys already equal torchvision's.
+    Handles a 'module.' prefix (DataParallel) and timm's VGG head (`pre_logits.fc1/fc2` as 7×7/1×1
+    convs, `head.fc`), reshaped to torchvision's Linear weights. timm ResNet keys already equal
+    torchvision's.
     """
     notes: list[str] = []
     out: dict[str, np.ndarray] = {}
@@ -129,7 +131,7 @@ def normalize_keys(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
 
 
 def describe_layout(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Guess what a torchvision-named state dict is, e.g. 'resnet50 (num_classes=1000)'; None if unknown."""
+    """What a torchvision-named state dict looks like, e.g. 'resnet50 (num_classes=1000)'."""
     head = None
     if "layer1.0.conv1.weight" in shapes:
         counts = [len({k.split(".")[1] for k in shapes if k.startswith(f"layer{i}.")})

@@ -1,4 +1,4 @@
-"""Read PyTorch `.pth` state dicts as numpy arrays without executing pickled code (torch not needed).
+"""Read PyTorch `.pth` state dicts as numpy arrays without running pickled code (no torch needed).
 
 Supports torch.save's zip format (`<name>/data.pkl` + `<name>/data/<key>` storages) and the legacy
 (pre-1.6) stream format. The unpickler resolves only the globals that rebuilding tensors needs and
@@ -110,7 +110,8 @@ def _unpickle(data: bytes, load_storage: Callable[[tuple], _Storage], path: Path
         return _RestrictedUnpickler(io.BytesIO(data), load_storage).load()
     except _Refused as e:
         raise WeightsError(
-            f"{path}: the file asks to run code ({e}) while unpickling and is refused for security. "
+            f"{path}: the file asks to run code ({e}) while unpickling and is refused for "
+            "security. "
             "Only plain state dicts of tensors are read. Re-save it on a trusted machine with "
             "`torch.save(model.state_dict(), FILE)` or as .safetensors.") from None
     except _Corrupt as e:
@@ -235,7 +236,8 @@ def _unpickle_stream(f: io.BytesIO, load_storage: Callable[[tuple], _Storage], p
         return Legacy(f, load_storage).load()
     except _Refused as e:
         raise WeightsError(
-            f"{path}: the file asks to run code ({e}) while unpickling and is refused for security. "
+            f"{path}: the file asks to run code ({e}) while unpickling and is refused for "
+            "security. "
             "Only plain state dicts of tensors are read.") from None
     except (_Corrupt, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
             KeyError, AttributeError, struct.error) as e:
