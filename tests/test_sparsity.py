@@ -217,3 +217,16 @@ def test_keep_top_density(net):
     n = sum(int(s.size) for s in scores.values())
     assert sparsity.sparsity_summary(masks)["total"]["nonzero"] == n - math.floor(0.75 * n)
     assert all(m.dtype == jnp.float32 for m in masks.values())
+
+
+def test_keep_top_gradient_is_straight_through():
+    scores = {"a": jnp.array([0.5, -0.1, 0.0, -2.0]), "b": jnp.array([[1.0, -0.3]])}
+    weights = {"a": jnp.array([1.0, 2.0, 3.0, 4.0]), "b": jnp.array([[5.0, 6.0]])}
+
+    def loss(s):
+        m = sparsity.keep_top(s, 0.5)  # k = 3: tau = 0.1, keeps 0.5, -2.0, 1.0
+        return sum(jnp.sum(weights[p] * m[p]) for p in m)
+
+    grads = jax.grad(loss)(scores)
+    np.testing.assert_array_equal(np.asarray(grads["a"]), [1.0, -2.0, 0.0, -4.0])
+    np.testing.assert_array_equal(np.asarray(grads["b"]), [[5.0, -6.0]])

@@ -90,14 +90,14 @@ def global_threshold(
     """Global τ = k-th smallest |s| over all layers, k = floor((1 − density)·N); −1.0 if k < 1.
 
     `density` is a static Python float in (0, 1]; the result is an f32 scalar (jit-able over
-    `scores`).
+    `scores`), computed outside the gradient (stop_gradient on the scores).
     The mask |s| > τ then removes k entries, plus any entries tied with τ above rank k.
     """
-    leaves = [jnp.abs(scores[p]) for p in sorted(scores)]
+    leaves = [jnp.abs(lax.stop_gradient(scores[p])) for p in sorted(scores)]
     k = num_pruned(sum(int(v.size) for v in leaves), density)
     if k < 1:
         return jnp.float32(-1.0)
-    return lax.stop_gradient(kth_smallest(leaves, k, radix_bits=radix_bits))
+    return kth_smallest(leaves, k, radix_bits=radix_bits)
 
 
 def layerwise_thresholds(
