@@ -61,7 +61,7 @@ def test_fashion_mnist_builder_reads_idx_files(idx_dir, tmp_path_factory):
         for lab, img in zip(arrays["t10k-labels-idx1-ubyte"], arrays["t10k-images-idx3-ubyte"],
                             strict=True)
     )  # fmt: skip
-    assert got == want  # PNG is lossless
+    assert got == want  # stored losslessly
     assert pipeline.class_names("fashion_mnist", data_dir=data_dir)[9] == "Ankle boot"
     # idempotent and fast the second time
     start = time.perf_counter()

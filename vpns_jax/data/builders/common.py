@@ -21,6 +21,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def uint8_image_feature(shape: tuple[int, int, int]):
+    """A TFDS feature for small fixed-shape uint8 images stored raw (no PNG; no TensorFlow needed).
+
+    Decodes to a numpy uint8 array of ``shape``, like ``tfds.features.Image`` does.
+    """
+    import tensorflow_datasets as tfds
+
+    return tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+
+
 def rgb_image_bytes(data: bytes, what: str) -> bytes:
     """Returns ``data`` unchanged if it is an RGB JPEG/PNG, else the image converted to RGB as PNG
     bytes.
