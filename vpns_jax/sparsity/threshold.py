@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-_SIGN = jnp.uint32(0x80000000)
-_LOW = jnp.uint32(0x7FFFFFFF)
+# numpy scalars, not jax arrays: importing this module must not initialise a JAX backend.
+_SIGN = np.uint32(0x80000000)
+_LOW = np.uint32(0x7FFFFFFF)
 
 
 def _to_key(x: jax.Array) -> jax.Array:
@@ -52,12 +54,12 @@ def kth_smallest(
     keys = [_to_key(a) for a in arrays]
     bins = 1 << radix_bits
     rank = jnp.clip(jnp.asarray(k, jnp.int32), 1, n)
-    prefix = jnp.uint32(0)
+    prefix = jnp.zeros((), jnp.uint32)
     for p in range(32 // radix_bits):
         shift = 32 - radix_bits * (p + 1)
         hist = jnp.zeros((bins,), jnp.int32)
         for key in keys:
-            digit = ((key >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
+            digit = ((key >> shift) & np.uint32(bins - 1)).astype(jnp.int32)
             if p > 0:  # only elements whose higher digits equal the prefix found so far
                 high = shift + radix_bits
                 digit = jnp.where((key >> high) == (prefix >> high), digit, bins)
