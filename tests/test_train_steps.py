@@ -315,3 +315,32 @@ def test_prompted_only_is_one_prompted_pass_on_the_train_view(setup):
     for p, g in gs.items():
         s1 = adam_hand(np.asarray(scores[p], np.float64), np.asarray(g), 0.0, 0.0, 1)[0]
         np.testing.assert_allclose(after.scores[p], s1, rtol=2e-4, atol=2e-6)
+
+
+def test_begin_stage_traces_under_eval_shape(setup):
+    """The orchestrator builds the abstract restore target with jax.eval_shape(begin_stage)."""
+    variables, scores, program, _, _ = setup
+    state = create_state(variables, rng=jax.random.PRNGKey(0), scores=scores, prompt=program)
+    for stage in (MASK_FINDING, TUNING):
+        abstract = jax.eval_shape(lambda s, st=stage: begin_stage(st, s), state)
+        concrete = begin_stage(stage, state)
+        assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+
+
+def test_given_fixed_mask_zeroes_and_keeps_pruned_weights(setup):
+    """OMP/LTH-style: a mask from outside; pruned pretrained weights are zeroed and stay zero."""
+    variables, _, _, _, bt = setup
+    rng = np.random.default_rng(5)
+    flat = traverse_util.flatten_dict(variables['params'], sep='/')
+    masks = {p: rng.uniform(size=flat[p].shape) > 0.5 for p in sparsity.prunable_paths(
+        variables['params'])}
+    stage = Stage('omp_tune', 2, params=sgd(LR, MOMENTUM, WD), passes=UNPROMPTED,
+                  mask_mode='fixed')
+    state = begin_stage(stage, create_state(variables, rng=jax.random.PRNGKey(0)), masks=masks)
+    step = steps.make_train_step(stage, TinyNet())
+    for i in range(2):
+        state, _ = step(state, {'train': batch(60 + i)}, jnp.asarray(LABEL_MAP),
+                        optim.lr_factors(stage, i))
+    now = traverse_util.flatten_dict(snapshot(state.params), sep='/')
+    for p, m in masks.items():
+        assert np.all(now[p][~m] == 0.0) and np.all(now[p][m] != flat[p][m]), p
