@@ -33,8 +33,10 @@ FULL = os.environ.get("VPNS_FULL_PARITY") == "1"
 CASES = [("resnet18", 1.0), ("resnet34", 0.25), ("resnet50", 0.25), ("vgg16", 0.25),
          ("vgg16_bn", 1.0)]
 CASES += [("resnet34", 1.0), ("resnet50", 1.0), ("vgg16", 1.0)] if FULL else []
-TRAIN_CASES = [("resnet18", 1.0), ("resnet50", 0.25), ("vgg16_bn", 1.0)] + (
-    [("resnet50", 1.0)] if FULL else [])
+TRAIN_CASES = [("resnet18", 1.0), ("resnet50", 0.25), ("vgg16_bn", 0.25)]
+TRAIN_CASES += [("resnet50", 1.0), ("vgg16_bn", 1.0)] if FULL else []
+# Bit-exactness does not depend on width: the 528 MB VGG-16-BN is exported only with FULL.
+ROUND_TRIP_CASES = [c for c in CASES if c != ("vgg16_bn", 1.0) or FULL] + [("vgg16_bn", 0.25)]
 
 
 def _randomize(model: Any, seed: int) -> Any:
@@ -157,7 +159,7 @@ def _assert_same_state(got: OrderedDict, want: OrderedDict) -> None:
         assert torch.equal(g, v), k
 
 
-@pytest.mark.parametrize(("arch", "width"), CASES)
+@pytest.mark.parametrize(("arch", "width"), ROUND_TRIP_CASES)
 def test_export_pth_round_trip_is_bit_exact(converted, arch, width, tmp_path):
     c = converted(arch, width)
     out = tmp_path / "back.pth"
@@ -341,7 +343,7 @@ def test_cli_convert_and_export_small_input(tmp_path):
     torch.save(model.state_dict(), src)
     out, back = tmp_path / "r.safetensors", tmp_path / "back.pth"
     assert cli(["convert", "--arch", "resnet18", "--src", str(src), "--out", str(out),
-                "--width", "0.0625", "--small-input"]) == 0
+                "--width", "0.0625", "--small-input", "--no-check"]) == 0
     arch, variables, meta = weights.load(out)
     assert meta["options"] == {"num_classes": 10, "width": 0.0625, "small_input": True}
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)

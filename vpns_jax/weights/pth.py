@@ -57,6 +57,10 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple,
             raise _Corrupt("a tensor reaches past the end of its storage")
     if data.size == 0 or 0 in size:
         return np.zeros(size, data.dtype)
+    numel = int(np.prod(size))
+    contiguous = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    if all(n == 1 or s == c for n, s, c in zip(size, stride, contiguous, strict=True)):
+        return data[offset:offset + numel].reshape(size)  # a view; callers copy when converting
     item = data.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(data[offset:], shape=size,
                                            strides=tuple(s * item for s in stride))
@@ -153,7 +157,8 @@ def _read_zip(path: Path, raw: bytes) -> Any:
             dt = dtype.newbyteorder(">") if big else dtype
             if len(buf) < int(numel) * dt.itemsize:
                 raise _Corrupt(f"storage {key} is shorter than its {numel} elements")
-            cache[key] = _Storage(np.frombuffer(buf, dt, count=int(numel)).astype(dtype))
+            flat = np.frombuffer(buf, dt, count=int(numel))
+            cache[key] = _Storage(flat.astype(dtype, copy=False))
         return cache[key]
 
     try:
