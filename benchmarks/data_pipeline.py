@@ -7,8 +7,9 @@ Datasets: ``fashion_mnist`` (real, 28×28 grey PNG, prepared from Debian's IDX f
 and ``stanford_cars`` built from a generated class-folder tree (196 classes × 2 images, 500×375 RGB
 JPEG, about the size of real car photos). For each (dataset, input size) the train view (resize to
 1.125·S, random crop, flip) is iterated: one batch of warm-up, then ``--batches`` batches timed; the
-rate is images / wall-clock second as the consumer sees it (host numpy, no device transfer). Prints
-a table and a final JSON line. The machine may be shared: treat differences under ~20% as noise.
+rate is images / wall-clock second as the consumer sees it (host numpy, no device transfer), and
+images per CPU-second of this process (all its threads; steadier than wall clock on a shared
+machine). Prints a table and a final JSON line. Treat differences under ~20% as noise.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def measure(
     batch_size: int,
     workers: int,
     threads: int,
-) -> float:
-    """Images per second of the train view over ``batches`` batches after one warm-up batch."""
+) -> tuple[float, float]:
+    """(images per wall-clock second, per CPU-second) of the train view over ``batches`` batches."""
     loader = pipeline.train_loader(
         name, view="train", input_size=input_size, batch_size=batch_size, seed=0,
         data_dir=data_dir, worker_count=workers, num_threads=threads,
@@ -60,7 +61,7 @@ def measure(
     done, epoch = 0, 0
     it = loader.epoch(epoch)
     next(it)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while done < batches:
         try:
             batch = next(it)
@@ -70,7 +71,8 @@ def measure(
             continue
         assert batch["image"].shape == (batch_size, input_size, input_size, 3)
         done += 1
-    return batches * batch_size / (time.perf_counter() - start)
+    images = batches * batch_size
+    return images / (time.perf_counter() - start), images / (time.process_time() - cpu_start)
 
 
 def main() -> None:
@@ -96,15 +98,18 @@ def main() -> None:
     print(f"generated stanford_cars ready in {time.perf_counter() - start:.1f} s")
     datasets.append("stanford_cars")
     results = []
-    print(f"{'dataset':15s} {'input':>5s} {'images/s':>9s}")
+    print(f"{'dataset':15s} {'input':>5s} {'images/s':>9s} {'images/CPU-s':>12s}")
     for name in datasets:
         for size in (32, 224):
-            rate = measure(
+            rate, cpu_rate = measure(
                 name, data_dir, size, batches=args.batches, batch_size=args.batch_size,
                 workers=args.workers, threads=args.threads,
             )  # fmt: skip
-            print(f"{name:15s} {size:5d} {rate:9.0f}")
-            results.append({"dataset": name, "input_size": size, "images_per_s": round(rate, 1)})
+            print(f"{name:15s} {size:5d} {rate:9.0f} {cpu_rate:12.0f}")
+            results.append({
+                "dataset": name, "input_size": size, "images_per_s": round(rate, 1),
+                "images_per_cpu_s": round(cpu_rate, 1),
+            })  # fmt: skip
     print(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
