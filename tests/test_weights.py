@@ -22,6 +22,7 @@ from vpns_jax import models, weights
 from vpns_jax.errors import WeightsError
 from vpns_jax.weights.__main__ import main as cli
 from vpns_jax.weights.keys import describe_layout, flax_path, torch_key
+from vpns_jax.weights.pth import read_pth
 
 torch = pytest.importorskip("torch")
 from benchmarks.torch_reference import build  # noqa: E402
@@ -362,3 +363,20 @@ def test_load_rejects_non_project_files(tmp_path):
     save_file({"conv1.weight": np.zeros((1, 3, 3, 3), np.float32)}, path)
     with pytest.raises(WeightsError, match="not a vpns_jax weights file.*convert"):
         weights.load(path)
+
+
+def test_pth_reader_handles_strided_shared_and_scalar_tensors(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = OrderedDict(sliced=base[1:, 2:5], transposed=base.t(), whole=base,
+                     half=torch.linspace(0, 1, 5, dtype=torch.float16),
+                     count=torch.tensor(123456789012, dtype=torch.int64))
+    for zip_format in (True, False):
+        path = tmp_path / f"t{zip_format}.pth"
+        torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+        got = read_pth(path)
+        assert list(got) == list(sd)
+        for k, v in sd.items():
+            assert got[k].dtype == v.numpy().dtype and np.array_equal(got[k], v.numpy()), k
+    torch.save({"w": torch.zeros(2, dtype=torch.bfloat16)}, tmp_path / "bf.pth")
+    with pytest.raises(WeightsError, match="BFloat16Storage are not supported"):
+        read_pth(tmp_path / "bf.pth")

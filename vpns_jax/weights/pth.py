@@ -78,7 +78,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(dt) for name, dt in _STORAGE_DTYPES.items()},
 }
 
 
@@ -98,6 +97,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._load_storage = load_storage
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])  # fresh: a BUILD cannot alter shared state
+        if module == "torch" and name.endswith("Storage"):
+            raise _Corrupt(f"tensors of type torch.{name} are not supported; re-save the state "
+                           "dict as float32 (`{k: v.float() for k, v in sd.items()}`)")
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
@@ -119,7 +123,7 @@ def _unpickle(data: bytes, load_storage: Callable[[tuple], _Storage], path: Path
             "Only plain state dicts of tensors are read. Re-save it on a trusted machine with "
             "`torch.save(model.state_dict(), FILE)` or as .safetensors.") from None
     except _Corrupt as e:
-        raise WeightsError(f"{path}: corrupt PyTorch file ({e}); download it again.") from None
+        raise WeightsError(f"{path}: unreadable PyTorch file ({e}).") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError, struct.error) as e:
         raise WeightsError(f"{path}: corrupt or truncated PyTorch file ({type(e).__name__}: {e}); "
