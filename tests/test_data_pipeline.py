@@ -36,6 +36,7 @@ def test_digits_counts_classes_and_idempotent_prepare(data_dir):
     assert pipeline.class_names("digits", data_dir=data_dir) == [str(d) for d in range(10)]
     assert preparation.is_prepared("digits", data_dir=data_dir)
     preparation.prepare("digits", data_dir=data_dir)  # already prepared: returns at once
+    preparation.ensure_prepared("digits", data_dir=data_dir)
 
 
 @pytest.mark.parametrize("view", ["train", "prompt"])
@@ -143,6 +144,26 @@ def test_eval_pads_last_batch_and_counts_every_example_once(data_dir):
     np.testing.assert_array_equal(np.concatenate(in_order), labels)
 
 
+def test_eval_loader_over_train_split_with_augmentation_sees_every_example_once(data_dir):
+    def run(**kwargs):
+        loaders = [
+            pipeline.eval_loader(
+                "digits", input_size=S, batch_size=128, split="train", data_dir=data_dir,
+                shard_index=p, shard_count=2, **kwargs,
+            )
+            for p in range(2)
+        ]  # fmt: skip
+        batches = [list(loader) for loader in loaders]
+        keys = np.concatenate([loader.plan()[loader.plan() >= 0] for loader in loaders])
+        assert sorted(keys.tolist()) == list(range(1438))
+        assert sum(int(b["mask"].sum()) for bs in batches for b in bs) == 1438
+        return np.concatenate([b["image"] for b in batches[0]])
+
+    plain, augmented = run(), run(augment_seed=5)
+    assert not np.array_equal(plain, augmented)
+    np.testing.assert_array_equal(augmented, run(augment_seed=5))
+
+
 def test_restored_iterator_continues_identically(data_dir):
     loader = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=1, data_dir=data_dir)
     reference = list(loader.epoch(3))
@@ -228,6 +249,8 @@ def test_bad_input_gives_clear_errors(data_dir, tmp_path):
         pipeline.train_loader("digits", view="test", input_size=S, batch_size=8, seed=0)
     with pytest.raises(DataError, match="fewer than one global batch"):
         pipeline.train_loader("digits", input_size=S, batch_size=2048, seed=0, data_dir=data_dir)
+    with pytest.raises(DataError, match="not prepared.*prepare --dataset cifar100 --data_dir"):
+        preparation.ensure_prepared("cifar100", data_dir=tmp_path)
     with pytest.raises(DataError, match=r"ILSVRC2012_img_train\.tar"):
         preparation.prepare("imagenet2012", data_dir=tmp_path)
 

@@ -7,7 +7,8 @@ normalization):
   flip;
 - ``train_loader(view='prompt')``: training split, resize to S², no augmentation, shuffled with an
   independent seed stream (the reference's "vp loader");
-- ``eval_loader``: test split, resize to S², in order.
+- ``eval_loader``: test split, resize to S², in order (or any split, optionally with the train
+  view's crop and flip, for a pass over every training example, e.g. label mapping).
 
 Batching and sharding. ``batch_size`` is the GLOBAL batch size; with ``shard_count`` processes each
 yields ``batch_size // shard_count`` examples per step (it must divide). Training: for epoch ``e``
@@ -48,7 +49,7 @@ from vpns_jax.errors import DataError
 
 View = Literal["train", "prompt"]
 VIEW_STREAMS = {"train": 0, "prompt": 1}
-_TEST_STREAM = 2
+_EVAL_STREAM = 2
 _ORDER, _AUGMENT = 0, 1
 
 
@@ -376,10 +377,12 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Test-split batches in order: ``{'image': f32[B, S, S, 3], 'label': i32[B], 'mask':
-    bool[B]}``.
+    """Batches of a whole split in order: ``{'image': f32[B, S, S, 3], 'label': i32[B],
+    'mask': bool[B]}``.
 
     ``steps`` = ceil(N / global batch); padded positions have ``mask`` False (zero image, label 0).
+    Images are resized to S² or, with ``augment_seed``, get the train view's crop and flip (drawn
+    from (augment_seed, example index), so the same on any number of processes).
     """
 
     def __init__(
@@ -392,8 +395,10 @@ class EvalLoader:
         shard_index: int,
         shard_count: int,
         options: _Options,
+        split: str = "test",
+        augment_seed: int | None = None,
     ):
-        self.name = name
+        self.name, self.split, self.augment_seed = name, split, augment_seed
         self.input_size = transforms.check_input_size(input_size)
         self.batch_size = int(batch_size)
         self.local_batch_size = local_batch_size(self.batch_size, shard_count)
@@ -414,13 +419,15 @@ class EvalLoader:
         )
 
     def __iter__(self) -> BatchIterator:
-        transform = _Transform(self.input_size, False, 0, _TEST_STREAM, 0)
+        augment = self.augment_seed is not None
+        seed = self.augment_seed if augment else 0
+        transform = _Transform(self.input_size, augment, seed, _EVAL_STREAM, 0)
 
         def make_source(start: int) -> _BatchSource:
             keys = self.plan()[start:]
-            return _BatchSource(self._records, keys, np.zeros_like(keys), transform, True)
+            return _BatchSource(self._records, keys, np.maximum(keys, 0), transform, True)
 
-        fingerprint = {"dataset": self.name, "split": "test", "batch_size": self.batch_size}
+        fingerprint = {"dataset": self.name, "split": self.split, "batch_size": self.batch_size}
         return BatchIterator(
             make_source,
             epoch=0,
@@ -479,6 +486,8 @@ def eval_loader(
     *,
     input_size: int,
     batch_size: int,
+    split: Literal["train", "test"] = "test",
+    augment_seed: int | None = None,
     data_dir: str | os.PathLike | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
@@ -486,10 +495,22 @@ def eval_loader(
     prefetch: int = 2,
     num_threads: int = 2,
 ) -> EvalLoader:
-    """Loader over ``name``'s test split in order, last batch padded, with a validity mask."""
+    """Loader over all of ``name``'s ``split`` in order, last batch padded, with a validity mask.
+
+    Default: the test split, resized (evaluation). ``split='train'`` passes over every training
+    example once (e.g. for frequency label mapping); ``augment_seed`` (int >= 0) applies the train
+    view's random crop and flip, as the reference's label mapping does.
+    """
     transforms.check_input_size(input_size)
-    records = open_split(name, "test", data_dir=data_dir)
+    if augment_seed is not None and (
+        isinstance(augment_seed, bool) or not isinstance(augment_seed, int) or augment_seed < 0
+    ):
+        raise DataError(
+            f"augment_seed must be None or a non-negative integer, got {augment_seed!r}"
+        )
+    records = open_split(name, split, data_dir=data_dir)
     return EvalLoader(
         name, records, input_size=input_size, batch_size=batch_size, shard_index=shard_index,
         shard_count=shard_count, options=_options(worker_count, prefetch, num_threads),
+        split=split, augment_seed=augment_seed,
     )  # fmt: skip
