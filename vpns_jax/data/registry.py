@@ -24,7 +24,6 @@ class DatasetInfo:
       num_classes: number of classes.
       batch_size: the reference's (global) batch size for train, prompt and test loaders.
       train_split / test_split: TFDS split expressions read for training and testing.
-      builder: TFDS catalogue name ('dtd') or the project's builder name ('vpns_tiny_imagenet').
       source: 'catalogue' (stock TFDS builder; preparing needs TensorFlow) or 'own' (offline
       builder). manual_files: files the user must place in manual_dir (empty: none needed), with
       where they come from. notes: differences from the reference's data, if any.
@@ -35,10 +34,14 @@ class DatasetInfo:
     batch_size: int
     train_split: str
     test_split: str
-    builder: str
     source: Literal["catalogue", "own"]
     manual_files: str = ""
     notes: str = ""
+
+    @property
+    def builder(self) -> str:
+        """TFDS catalogue name ('dtd') or the project's builder name ('vpns_tiny_imagenet')."""
+        return self.name if self.source == "catalogue" else f"vpns_{self.name}"
 
     @property
     def needs_manual_dir(self) -> bool:
@@ -46,110 +49,48 @@ class DatasetInfo:
         return bool(self.manual_files)
 
 
-_DATASETS = (
-    DatasetInfo("cifar10", 10, 256, "train", "test", "cifar10", "catalogue"),
-    DatasetInfo("cifar100", 100, 256, "train", "test", "cifar100", "catalogue"),
-    DatasetInfo(
-        "food101",
-        101,
-        256,
-        "train",
-        "validation",
-        "food101",
-        "catalogue",
-        notes="TFDS 'validation' (25,250) is the official test split used by torchvision.",
-    ),
-    DatasetInfo(
-        "oxford_flowers102",
-        102,
-        128,
-        "train+validation",
-        "test",
-        "oxford_flowers102",
-        "catalogue",
-        notes="Official 1,020/1,020/6,149 split; the reference used CoOp's split "
-        "(4,093+1,633 / 2,463).",
-    ),
-    DatasetInfo(
-        "dtd",
-        47,
-        64,
-        "train+validation",
-        "test",
-        "dtd",
-        "catalogue",
-        notes="TFDS dtd is partition 1 (train1/val1/test1), as torchvision DTD(partition=1).",
-    ),
-    DatasetInfo(
-        "oxford_iiit_pet",
-        37,
-        64,
-        "train",
-        "test",
-        "oxford_iiit_pet",
-        "catalogue",
-        notes="TFDS 'train' is the official trainval (3,680); test 3,669.",
-    ),
-    DatasetInfo(
-        "imagenet2012",
-        1000,
-        1024,
-        "train",
-        "validation",
-        "imagenet2012",
-        "catalogue",
-        manual_files=(
-            "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-            "https://image-net.org/download "
-            "(registration needed)"
-        ),
-    ),
-    DatasetInfo(
-        "tiny_imagenet",
-        200,
-        256,
-        "train",
-        "validation",
-        "vpns_tiny_imagenet",
-        "own",
-        manual_files="tiny-imagenet-200.zip or its extracted folder tiny-imagenet-200/ "
-        "(http://cs231n.stanford.edu/tiny-imagenet-200.zip)",
-    ),
-    DatasetInfo(
-        "stanford_cars",
-        196,
-        128,
-        "train",
-        "test",
-        "vpns_stanford_cars",
-        "own",
-        manual_files="train/<class>/*.jpg and test/<class>/*.jpg (Kaggle "
-        "'stanford-car-dataset-by-classes-folder', car_data/car_data/)",
-        notes="TFDS cars196's download links are dead; the reference used the same Kaggle folders.",
-    ),
-    DatasetInfo(
-        "fashion_mnist",
-        10,
-        256,
-        "train",
-        "test",
-        "vpns_fashion_mnist",
-        "own",
-        notes="Offline: IDX files of Debian's dataset-fashion-mnist "
-        "(/usr/share/datasets/fashion-mnist).",
-    ),
-    DatasetInfo(
-        "digits",
-        10,
-        64,
-        "train",
-        "test",
-        "vpns_digits",
-        "own",
-        notes="Offline: scikit-learn's 1,797 8x8 digits, stratified 80/20 split "
-        "(1,438 / 359), seed 0.",
-    ),
+_IMAGENET_FILES = (
+    "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org/download "
+    "(registration needed)"
 )
+_TINY_FILES = (
+    "tiny-imagenet-200.zip or its extracted folder tiny-imagenet-200/ "
+    "(http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
+)
+_CARS_FILES = (
+    "train/<class>/*.jpg and test/<class>/*.jpg (Kaggle 'stanford-car-dataset-by-classes-folder', "
+    "car_data/car_data/)"
+)
+
+# fmt: off
+_DATASETS = (
+    #           name             classes batch  train split        test split    source
+    DatasetInfo("cifar10",            10,  256, "train",            "test",       "catalogue"),
+    DatasetInfo("cifar100",          100,  256, "train",            "test",       "catalogue"),
+    DatasetInfo("food101",           101,  256, "train",            "validation", "catalogue",
+                notes="TFDS 'validation' (25,250) is the official test split torchvision uses."),
+    DatasetInfo("oxford_flowers102", 102,  128, "train+validation", "test",       "catalogue",
+                notes="Official 1,020+1,020 / 6,149 split; the reference used CoOp's split "
+                      "(4,093+1,633 / 2,463)."),
+    DatasetInfo("dtd",                47,   64, "train+validation", "test",       "catalogue",
+                notes="TFDS dtd is partition 1 (train1/val1/test1), as torchvision's."),
+    DatasetInfo("oxford_iiit_pet",    37,   64, "train",            "test",       "catalogue",
+                notes="TFDS 'train' is the official trainval (3,680); test 3,669."),
+    DatasetInfo("imagenet2012",     1000, 1024, "train",            "validation", "catalogue",
+                manual_files=_IMAGENET_FILES),
+    DatasetInfo("tiny_imagenet",     200,  256, "train",            "validation", "own",
+                manual_files=_TINY_FILES),
+    DatasetInfo("stanford_cars",     196,  128, "train",            "test",       "own",
+                manual_files=_CARS_FILES,
+                notes="TFDS cars196's download links are dead; the reference used these folders."),
+    DatasetInfo("fashion_mnist",      10,  256, "train",            "test",       "own",
+                notes="Offline: IDX files of Debian's dataset-fashion-mnist "
+                      "(/usr/share/datasets/fashion-mnist)."),
+    DatasetInfo("digits",             10,   64, "train",            "test",       "own",
+                notes="Offline: scikit-learn's 1,797 8x8 digits, stratified 80/20 split "
+                      "(1,438 / 359), seed 0."),
+)
+# fmt: on
 
 
 def names() -> list[str]:
