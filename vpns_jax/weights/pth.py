@@ -44,7 +44,8 @@ class _Storage:
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple,
                     *unused: Any) -> np.ndarray:
-    """torch._utils._rebuild_tensor(_v2): a strided view of `storage`, copied to a numpy array."""
+    """torch._utils._rebuild_tensor(_v2): the tensor as a numpy array (a read-only view of the
+    storage when contiguous, else a copy), after checking it lies inside the storage."""
     if not isinstance(storage, _Storage):
         raise _Corrupt("a tensor does not point at a storage")
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
@@ -70,7 +71,6 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple,
 def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
     """torch._utils._rebuild_parameter: a Parameter is just its data here."""
     return data
-
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -192,12 +192,16 @@ def _read_legacy(path: Path, raw: bytes) -> Any:
         _, storage_type, key, _location, numel = pid[:5]
         dtype = _storage_dtype(storage_type)
         if key not in storages:
+            if not 0 <= int(numel) * dtype.itemsize <= len(raw):
+                raise _Corrupt(f"storage {key} claims {numel} elements, more than the file holds")
             storages[key] = (dtype, _Storage(np.zeros(int(numel), dtype)))
         return storages[key][1]
 
     # The object's pickle comes first; storages are filled afterwards, in place.
     obj = _unpickle_stream(f, load_storage, path)
     keys = _unpickle_plain(f, path)
+    if not isinstance(keys, list) or any(k not in storages for k in keys):
+        raise WeightsError(f"{path}: corrupt PyTorch file (storage list does not match).")
     for key in keys:
         dtype, storage = storages[key]
         head = f.read(8)
@@ -226,7 +230,7 @@ def _resolve(obj: Any) -> Any:
     if isinstance(obj, _Lazy):
         try:
             return _rebuild_tensor(*obj.args)
-        except _Corrupt as e:
+        except (_Corrupt, ValueError, TypeError) as e:
             raise WeightsError(f"corrupt PyTorch file ({e}).") from None
     if isinstance(obj, dict):
         return OrderedDict((k, _resolve(v)) for k, v in obj.items())
