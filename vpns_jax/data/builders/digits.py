@@ -47,8 +47,11 @@ class VpnsDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """scikit-learn digits as a TFDS builder; needs no manual directory."""
 
     name = "vpns_digits"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Stratified 80/20 split, seed 0: train 1,438, test 359."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Stratified 80/20 split, seed 0: train 1,438, test 359; 8x8x1 PNG.",
+        "1.1.0": "Images as raw 8x8x1 uint8 tensors; same split.",
+    }
 
     def __init__(self, *, manual_dir: str | None = None, **kwargs):
         del manual_dir  # bundled with scikit-learn

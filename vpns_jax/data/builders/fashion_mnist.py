@@ -100,8 +100,11 @@ class VpnsFashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Fashion-MNIST read from local IDX files (see module doc)."""
 
     name = "vpns_fashion_mnist"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "From IDX files; images as raw 28x28x1 uint8."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "From IDX files; images as 28x28x1 PNG.",
+        "1.1.0": "Images as raw 28x28x1 uint8 tensors (faster); 1.0.0 data is not read.",
+    }
 
     def __init__(self, *, manual_dir: str | None = None, **kwargs):
         self._manual_dir = os.fspath(manual_dir) if manual_dir is not None else DEFAULT_MANUAL_DIR
