@@ -116,10 +116,11 @@ def builder(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir:
     import tensorflow_datasets as tfds
 
     info = get(name)
-    data_dir = os.fspath(data_dir) if data_dir is not None else None
+    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else None
     if info.source == "catalogue":
         return tfds.builder(info.builder, data_dir=data_dir, file_format="array_record")
     cls = _own_builder_class(info.builder)
+    manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir is not None else None
     return cls(data_dir=data_dir, manual_dir=manual_dir, file_format="array_record")
 
 
