@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,3 +381,16 @@ def test_pth_reader_handles_strided_shared_and_scalar_tensors(tmp_path):
     torch.save({"w": torch.zeros(2, dtype=torch.bfloat16)}, tmp_path / "bf.pth")
     with pytest.raises(WeightsError, match="BFloat16Storage are not supported"):
         read_pth(tmp_path / "bf.pth")
+
+
+def test_reading_needs_no_torch_and_pth_export_without_torch_says_what_to_do(tmp_path, monkeypatch):
+    model = _small("resnet18")
+    src = tmp_path / "r.pth"
+    torch.save(model.state_dict(), src)
+    monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now raises ImportError
+    out = tmp_path / "r.safetensors"
+    weights.convert("resnet18", src, out, width=1 / 16, check_forward=False)
+    with pytest.raises(WeightsError, match=r"needs torch .*r\.safetensors"):
+        weights.export(out, tmp_path / "r.pth")
+    state = weights.export(out, tmp_path / "back.safetensors")
+    assert np.array_equal(state["conv1.weight"], model.state_dict()["conv1.weight"].numpy())
