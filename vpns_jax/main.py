@@ -31,7 +31,9 @@ def setup_platform(compilation_cache: str, distributed: bool) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from vpns_jax import parallel
 
-    parallel.initialize_distributed(distributed or os.environ.get("VPNS_DISTRIBUTED") == "1")
+    # True forces jax.distributed.initialize(); None lets SLURM / TPU multi-process launches be detected.
+    explicit = distributed or os.environ.get("VPNS_DISTRIBUTED") == "1"
+    parallel.initialize_distributed(True if explicit else None)
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
