@@ -333,7 +333,10 @@ def test_half_precision_source_and_missing_num_batches_tracked_round_trip(tmp_pa
         assert got[k].dtype == np.float16 and np.array_equal(got[k], v), k
     # A model saved without torch metadata (e.g. a proxy) exports num_batches_tracked = 0.
     _, variables, _ = weights.load(out)
-    weights.save(out, "resnet18", variables, options={"width": 1 / 16}, source={"proxy": "test"})
+    source = {"proxy": "test", "train_accuracy": np.float32(0.5), "train_loss": None}
+    weights.save(out, "resnet18", variables, options={"width": 1 / 16}, source=source)
+    assert weights.load(out)[2]["source"] == {"proxy": "test", "train_accuracy": 0.5,
+                                              "train_loss": None}
     state = weights.export(out, back)
     assert state["bn1.num_batches_tracked"].dtype == np.int64
     assert int(state["layer1.0.bn2.num_batches_tracked"]) == 0

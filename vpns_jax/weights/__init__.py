@@ -201,6 +201,13 @@ def _source_meta(source: Any) -> dict[str, Any]:
     return {"file": path.name, "sha256": sha256(path)}
 
 
+def _json_default(value: Any) -> Any:
+    """numpy/JAX scalars and arrays (e.g. metrics in a proxy's `source`) as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
          options: Mapping[str, Any], source: Any = None,
          torch_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -223,7 +230,8 @@ def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(_flatten_variables(variables), str(tmp), metadata={META_KEY: json.dumps(meta)})
+    text = json.dumps(meta, default=_json_default)
+    save_file(_flatten_variables(variables), str(tmp), metadata={META_KEY: text})
     os.replace(tmp, out)
     return meta
 
