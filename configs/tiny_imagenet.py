@@ -1,10 +1,11 @@
-"""VPNs on tiny_imagenet with the paper's settings (reference batch size, 30 + 30 epochs, input 224, pad 16).
+"""VPNs on tiny_imagenet with the paper's settings.
 
-Command (weights converted once with `python -m vpns_jax.weights convert`):
-  python -m vpns_jax.main --config configs/tiny_imagenet.py:arch=resnet18 --workdir workdirs/tiny_imagenet_resnet18 \
-      --config.weights=resnet18.safetensors
-Arguments: arch=resnet18|resnet34|resnet50|vgg16|vgg16_bn, method=vpns|hydra|dense (several joined
-with '+', e.g. dense+hydra+vpns), hparams=released|research, runlocal (a few steps, to check the set-up).
+Reference batch size, 30 + 30 epochs, input 224, pad prompt 16. Command (weights converted once with
+`python -m vpns_jax.weights convert`):
+  python -m vpns_jax.main --config configs/tiny_imagenet.py:arch=resnet18 \
+      --workdir workdirs/tiny_imagenet_resnet18 --config.weights=resnet18.safetensors
+Arguments: arch=resnet18|resnet34|resnet50|vgg16|vgg16_bn; method=vpns|hydra|dense (several joined
+with '+', e.g. dense+hydra+vpns); hparams=released|research; runlocal (a few steps, to check a set-up).
 """
 
 from vpns_jax.config import paper_config

@@ -248,7 +248,15 @@ def label_map_for(ctx: Context, state: train.TrainState, stage: train.Stage,
     if ctx.config.label_mapping == "new_head":
         return None
     predict = train.make_source_predictions(stage, ctx.model, ctx.prompt_spec, prompted=prompted)
-    batches = _Capped(ctx.loaders["train"], ctx.config.steps_per_epoch)(epoch)
+    config = ctx.config
+    info = parallel.process_info()
+    # Every training example once, with the training augmentation (the reference's train loader).
+    loader = data.eval_loader(config.dataset, split="train", augment_seed=config.seed + epoch,
+                              input_size=config.input_size,
+                              batch_size=config.eval_batch_size or config.batch_size,
+                              data_dir=config.data_dir or None, shard_index=info.process_index,
+                              shard_count=info.process_count)
+    batches = _CappedEpoch(iter(loader), min(config.steps_per_epoch or len(loader), len(loader)))
     return train.flm_label_map(predict, state, batches, ctx.num_source, ctx.num_target, ctx.put)
 
 

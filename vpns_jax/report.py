@@ -79,7 +79,7 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                      _pct(r["accuracy"]), _pct(r["accuracy_with_prompt"]), epochs,
                      str(r["gradient_steps"]), f"{r['seconds']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
