@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--channels-last", action="store_true", help="torch channels_last")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--torch-device", default=None,
+                   help="torch device (default: cuda when JAX runs on a GPU and torch has CUDA)")
+    p.add_argument("--torch-autocast", default="none", choices=("none", "bfloat16"),
+                   help="run the torch forward under torch.autocast(dtype)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: a table by device kind)")
     p.add_argument("--compilation-cache", default="",
                    help="'' = $JAX_COMPILATION_CACHE_DIR or ~/.cache/vpns_jax/jax_cache; 'off'")
     p.add_argument("--seed", type=int, default=0)
@@ -140,6 +146,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
 
     seconds: dict[str, list[float]] = {}
     compile_s: dict[str, float] = {}
+    flops: dict[str, float] = {}
 
     def run_train(name: str, stage: Any, state: Any) -> Any:
         step = steps.make_train_step(stage, model, spec)
@@ -147,6 +154,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         t0 = time.perf_counter()
         compiled = step.lower(state, batches, label_map, factors).compile()
         compile_s[name] = time.perf_counter() - t0
+        flops[name] = compiled_flops(compiled)
         box = [state]
 
         def call() -> None:
@@ -174,6 +182,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         t0 = time.perf_counter()
         compiled_eval = ev.lower(st, eval_batch, label_map).compile()
         compile_s["eval"] = time.perf_counter() - t0
+        flops["eval"] = compiled_flops(compiled_eval)
         seconds["eval"] = time_calls(
             lambda: jax.block_until_ready(compiled_eval(st, eval_batch, label_map)),
             args.warmup, args.repeats)
@@ -182,7 +191,40 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     scores = vpns_method.init_scores(variables["params"])
     seconds["threshold"] = time_calls(lambda: thr(scores).block_until_ready(), 1, args.repeats)
     n_scores = int(sum(v.size for v in scores.values()))
-    return {"seconds": seconds, "compile_s": compile_s, "num_scores": n_scores}
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"seconds": seconds, "compile_s": compile_s, "num_scores": n_scores, "flops": flops,
+            "peak_bytes": stats.get("peak_bytes_in_use")}
+
+
+def compiled_flops(compiled: Any) -> float:
+    """XLA's FLOP count of a compiled step (0 when the backend does not report one)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+# Dense peak TFLOP/s per device kind (fp32 column = TF32 tensor cores, JAX's default GPU matmul
+# precision for float32), for MFU. Override with --peak-tflops.
+PEAK_TFLOPS = {
+    "H100": {"float32": 494.7, "bfloat16": 989.4},
+    "H200": {"float32": 494.7, "bfloat16": 989.4},
+    "A100": {"float32": 156.0, "bfloat16": 312.0},
+}
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    """The MFU denominator: --peak-tflops, else the table entry of the device kind, else None."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    kind = jax.devices()[0].device_kind
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in kind:
+            return peaks[args.dtype]
+    return None
 
 
 def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
@@ -197,8 +239,26 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
     def nchw(a: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
-    batch = torch_vpns.Batch(nchw(data["x_vp"]), torch.from_numpy(data["y_vp"]).long(),
-                             nchw(data["x_train"]), torch.from_numpy(data["y_train"]).long())
+    device = args.torch_device or (
+        "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if args.torch_autocast == "bfloat16" else None
+    batch = torch_vpns.Batch(*(
+        t.to(device) for t in (nchw(data["x_vp"]), torch.from_numpy(data["y_vp"]).long(),
+                               nchw(data["x_train"]), torch.from_numpy(data["y_train"]).long())))
+    cuda = device.startswith("cuda")
+    peak: dict[str, int] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> None:
+        def call() -> None:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds[name] = time_calls(call, warmup, args.repeats)
+        if cuda:
+            peak[name] = int(torch.cuda.max_memory_allocated())
 
     def build() -> Any:
         return torch_reference.build(args.arch, 1000, args.width, args.small_input)
@@ -207,28 +267,26 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
     warmup = args.warmup + (2 if compile_model else 0)
     if "dense" in args.steps:
         d = torch_vpns.DenseTorch(build(), channels_last=args.channels_last,
-                                  compile_model=compile_model)
-        seconds["dense"] = time_calls(lambda: d.step(batch.x_train, batch.y_train), warmup,
-                                      args.repeats)
+                                  compile_model=compile_model, device=device,
+                                  autocast_dtype=autocast)
+        timed("dense", lambda: d.step(batch.x_train, batch.y_train))
         del d
     v = torch_vpns.VPNsTorch(build(), input_size=args.size, output_size=args.size,
                              pad_size=args.pad_size, num_target=args.num_classes,
                              density=args.density, channels_last=args.channels_last,
-                             compile_model=compile_model)
+                             compile_model=compile_model, device=device, autocast_dtype=autocast)
     if "mask_finding" in args.steps:
         v.set_stage("mask_finding")
-        seconds["mask_finding"] = time_calls(lambda: v.mask_finding_iteration(batch), warmup,
-                                             args.repeats)
+        timed("mask_finding", lambda: v.mask_finding_iteration(batch))
     v.set_stage("tuning")
     if "tuning" in args.steps:
-        seconds["tuning"] = time_calls(lambda: v.tuning_iteration(batch), warmup, args.repeats)
+        timed("tuning", lambda: v.tuning_iteration(batch))
     if "eval" in args.steps:
-        seconds["eval"] = time_calls(lambda: v.eval_step(batch.x_train, batch.y_train), warmup,
-                                     args.repeats)
+        timed("eval", lambda: v.eval_step(batch.x_train, batch.y_train))
     if not compile_model:
-        seconds["threshold"] = time_calls(v.refresh, 1, args.repeats)
-    return {"seconds": seconds, "threads": torch.get_num_threads(),
-            "version": torch.__version__}
+        timed("threshold", v.refresh)
+    return {"seconds": seconds, "threads": torch.get_num_threads(), "device": device,
+            "autocast": args.torch_autocast, "version": torch.__version__, "peak_bytes": peak}
 
 
 def images_per_step(name: str, batch: int) -> int:
@@ -310,11 +368,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_scores": results["jax"]["num_scores"],
         "compile_s": {k: round(v, 2) for k, v in results["jax"]["compile_s"].items()},
         "compilation_cache": cache,
+        "peak_device_bytes": results["jax"]["peak_bytes"],
         "jax": jax.__version__,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
+    peak = peak_tflops(args)
+    if peak:
+        record["peak_tflops"] = peak
+        record["mfu"] = {s: round(results["jax"]["flops"][s] / med["jax"][s] / (peak * 1e12), 4)
+                         for s in STEPS if results["jax"]["flops"].get(s) and s in med["jax"]}
+    record["xla_flops"] = {s: f for s, f in results["jax"]["flops"].items() if f}
     if "torch" in med:
+        record["torch_device"] = results["torch"]["device"]
+        record["torch_autocast"] = results["torch"]["autocast"]
+        if results["torch"]["peak_bytes"]:
+            record["torch_peak_device_bytes"] = results["torch"]["peak_bytes"]
         record["torch_images_per_s"] = ips_of("torch")
         record["torch_threshold_ms"] = round(med["torch"]["threshold"] * 1e3, 2)
         record["torch_threads"] = results["torch"]["threads"]

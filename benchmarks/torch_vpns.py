@@ -177,11 +177,14 @@ class VPNsTorch:
         density: float,
         channels_last: bool = False,
         compile_model: bool = False,
+        device: str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.threshold = Threshold()
-        self.net = replace_layers(dense, self.threshold)
-        self.prompt = PadPrompt(input_size, output_size, pad_size)
-        self.mapping = torch.arange(num_target)
+        self.net = replace_layers(dense, self.threshold).to(device)
+        self.prompt = PadPrompt(input_size, output_size, pad_size).to(device)
+        self.mapping = torch.arange(num_target, device=device)
+        self.device, self.autocast_dtype = torch.device(device), autocast_dtype
         self.density = density
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -206,7 +209,10 @@ class VPNsTorch:
         self.net.train()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_net(x.contiguous(memory_format=self.memory_format))[:, self.mapping]
+        with torch.autocast(self.device.type, self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.forward_net(x.contiguous(memory_format=self.memory_format))
+        return logits.float()[:, self.mapping]
 
     def _pass(self, x: torch.Tensor, y: torch.Tensor, prompted: bool, opts: list) -> float:
         inputs = self.prompt(x) if prompted else self.prompt.normalize(x)
@@ -250,20 +256,25 @@ class DenseTorch:
     """A plain fine-tune step of the unmodified model (SGD momentum 0.9, normalized input)."""
 
     def __init__(self, dense: nn.Module, *, channels_last: bool = False,
-                 compile_model: bool = False) -> None:
-        self.net = dense.train()
+                 compile_model: bool = False, device: str = "cpu",
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.net = dense.train().to(device)
+        self.device, self.autocast_dtype = torch.device(device), autocast_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.forward_net = torch.compile(self.net) if compile_model else self.net
         self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One forward/backward/SGD step."""
         x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        loss = F.cross_entropy(self.forward_net(x), y)
+        with torch.autocast(self.device.type, self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.forward_net(x)
+        loss = F.cross_entropy(logits.float(), y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
