@@ -75,6 +75,9 @@ def im2col_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
     sh, sw = strides
     if any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    # Materialize the input once: otherwise XLA fuses its producer (BatchNorm, ReLU) into each of
+    # the k*k views and recomputes it k*k times.
+    x = lax.optimization_barrier(x)
     b, h, wd, _ = x.shape
     ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
     views = [
@@ -83,9 +86,7 @@ def im2col_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
         for i in range(kh) for j in range(kw)
     ]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    patches = patches.reshape(b * ho * wo, kh * kw * cin)
-    if len(views) > 1:
-        patches = lax.optimization_barrier(patches)
+    patches = lax.optimization_barrier(patches.reshape(b * ho * wo, kh * kw * cin))
     y = lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=preferred_element_type)
     return y.reshape(b, ho, wo, cout)
