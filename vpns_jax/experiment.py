@@ -294,66 +294,81 @@ def run_one(ctx: Context, method: str, sparsity_level: float) -> dict[str, Any]:
     prompt = prompts.init_prompt(ctx.prompt_spec) if uses_prompt else None
     fresh = train.create_state(variables, rng=rng, scores=scores, prompt=prompt)
     ckpt = checkpoint.RunCheckpointer(os.path.join(ctx.workdir, "checkpoints", name))
-    offsets = np.cumsum([0] + [s.epochs for s in stages])
-    start_stage, start_epoch, meta = 0, 0, {}
+    progress = {"stage": 0, "epoch": -1, "seconds": 0.0, "label_map": None}
     latest = ckpt.latest_step()
     if latest is not None:
         meta = ckpt.read_meta(latest)
-        i, e = int(meta["stage"]), int(meta["epoch"])
-        abstract = jax.eval_shape(lambda s: train.begin_stage(stages[i], s), fresh)
-        state, meta = ckpt.restore(latest, abstract_state=abstract, config_hash=_config_hash(config))
-        start_stage, start_epoch = (i + 1, 0) if e + 1 >= stages[i].epochs else (i, e + 1)
-        label_map = None if meta["label_map"] is None else np.asarray(meta["label_map"], np.int32)
-        logging.info("%s: resuming at stage %d epoch %d (checkpoint %d)", name, start_stage,
-                     start_epoch, latest)
+        abstract = jax.eval_shape(lambda s: train.begin_stage(stages[int(meta["stage"])], s), fresh)
+        state, meta = ckpt.restore(latest, abstract_state=abstract,
+                                   config_hash=_config_hash(config))
+        progress.update({k: meta[k] for k in progress})
+        logging.info("%s: resuming after stage %d epoch %d (checkpoint %d)", name,
+                     progress["stage"], progress["epoch"] + 1, latest)
     else:
         state = fresh
         # The mapping is computed once, after the initial mask, with the zero prompt (reference §2).
+        started = time.perf_counter()
         label_map = label_map_for(ctx, ctx.replicate(state), stages[0], prompted=uses_prompt)
-    done = {k: dict(v) for k, v in meta.get("stages", {}).items()}
-    state = ctx.replicate(state)
-    for i in range(start_stage, len(stages)):
-        stage = stages[i]
-        if i != start_stage or start_epoch == 0:
-            state = ctx.replicate(train.begin_stage(stage, state))
+        progress["label_map"] = None if label_map is None else label_map.tolist()
+        progress["seconds"] = time.perf_counter() - started
+    try:
+        state = _run_stages(ctx, name, stages, ctx.replicate(state), ckpt, progress)
+    finally:
+        ckpt.close()  # an interrupted run still finishes writing its last checkpoint
+    return _finish(ctx, method, sparsity_level, stages, state, progress, uses_prompt)
 
-        def save_hook(end: train.EpochEnd, i=i) -> None:
+
+def _label_map(progress: dict[str, Any]) -> np.ndarray | None:
+    lm = progress["label_map"]
+    return None if lm is None else np.asarray(lm, np.int32)
+
+
+def _run_stages(ctx: Context, name: str, stages: list[train.Stage], state: train.TrainState,
+                ckpt: checkpoint.RunCheckpointer, progress: dict[str, Any]) -> train.TrainState:
+    """Run the stages after `progress` (stage index, last finished epoch), checkpointing every epoch.
+
+    `progress` is updated in place (label map, elapsed seconds) and saved as the checkpoint's meta.
+    """
+    config = ctx.config
+    offsets = np.cumsum([0] + [s.epochs for s in stages])
+    first = progress["stage"] + (progress["epoch"] + 1 >= stages[progress["stage"]].epochs)
+    for i in range(first, len(stages)):
+        stage = stages[i]
+        start_epoch = progress["epoch"] + 1 if i == progress["stage"] else 0
+        if start_epoch == 0:
+            state = ctx.replicate(train.begin_stage(stage, state))
+        started, seconds_before = time.perf_counter(), progress["seconds"]
+
+        def save_hook(end: train.EpochEnd, i=i, started=started, before=seconds_before) -> None:
             epoch = end.epoch + 1
+            progress.update(stage=i, epoch=end.epoch, seconds=before + time.perf_counter() - started,
+                            label_map=None if end.label_map is None
+                            else np.asarray(end.label_map).tolist())
             _append_metrics(ctx, {"run": name, "stage": end.stage.name, "epoch": epoch,
                                   **end.metrics})
-            if epoch % config.checkpoint_every_epochs and epoch != end.stage.epochs:
-                return None
-            lm = None if end.label_map is None else np.asarray(end.label_map).tolist()
-            ckpt.save(int(offsets[i]) + epoch, end.state,
-                      {"stage": i, "epoch": end.epoch, "label_map": lm, "stages": done,
-                       "config_hash": _config_hash(config)})
-            return None
+            if epoch % config.checkpoint_every_epochs == 0 or epoch == end.stage.epochs:
+                ckpt.save(int(offsets[i]) + epoch, end.state,
+                          {**progress, "config_hash": _config_hash(config)})
 
         hooks: list[Callable] = []
-        if config.label_mapping == "ilm":
+        if config.label_mapping == "ilm":  # re-mapped after every epoch, through the current prompt
             hooks.append(lambda end: label_map_for(ctx, end.state, end.stage,
                                                    prompted=end.stage.prompt_in_stage,
                                                    epoch=end.epoch + 1))
         hooks.append(save_hook)
-        state, result = train.run_stage(
+        state, _ = train.run_stage(
             stage, state, ctx.model,
             {v: _Capped(ctx.loaders[v], config.steps_per_epoch) for v in stage.views},
-            prompt_spec=ctx.prompt_spec, label_map=label_map, hooks=hooks,
-            start_epoch=start_epoch if i == start_stage else 0, log_every=config.log_every_steps,
-            put_batch=ctx.put)
-        previous = done.get(stage.name, {"epochs": 0, "gradient_steps": 0, "seconds": 0.0})
-        done[stage.name] = {"epochs": stage.epochs,
-                            "gradient_steps": previous["gradient_steps"] + result.gradient_steps,
-                            "seconds": previous["seconds"] + result.seconds}
-    ckpt.close()
-    return _finish(ctx, method, sparsity_level, stages, state, label_map, done, uses_prompt)
+            prompt_spec=ctx.prompt_spec, label_map=_label_map(progress), hooks=hooks,
+            start_epoch=start_epoch, log_every=config.log_every_steps, put_batch=ctx.put)
+    return state
 
 
 def _finish(ctx: Context, method: str, sparsity_level: float, stages: list[train.Stage],
-            state: train.TrainState, label_map: Any, done: dict[str, dict],
-            uses_prompt: bool) -> dict[str, Any]:
+            state: train.TrainState, progress: dict[str, Any], uses_prompt: bool) -> dict[str, Any]:
     config = ctx.config
     last = stages[-1]
+    label_map = _label_map(progress)
     started = time.perf_counter()
     accuracy = evaluate_state(ctx, state, last, label_map, has_prompt=uses_prompt)
     masks = jax.device_get(train.current_masks(state, last))
@@ -371,17 +386,18 @@ def _finish(ctx: Context, method: str, sparsity_level: float, stages: list[train
                           {"arch": ctx.arch, "options": ctx.weights_meta["options"],
                            "num_outputs": int(ctx.model.num_classes), "method": method,
                            "sparsity": sparsity_level, "dataset": config.dataset,
-                           "input_size": config.input_size, "prompt": dataclasses.asdict(
-                               ctx.prompt_spec), "has_prompt": uses_prompt})
+                           "input_size": config.input_size,
+                           "prompt": dataclasses.asdict(ctx.prompt_spec), "has_prompt": uses_prompt})
     with_prompt, without = accuracy["with_prompt"], accuracy["without_prompt"]
     chosen = with_prompt if (config.prompt.at_test and with_prompt is not None) else without
-    seconds = sum(v["seconds"] for v in done.values()) + time.perf_counter() - started
+    steps_per_epoch = min(len(ctx.loaders["train"]), config.steps_per_epoch or len(ctx.loaders["train"]))
     return report.run_record(
         method=method, arch=ctx.arch, dataset=config.dataset, seed=config.seed,
         sparsity=sparsity_level, actual_sparsity=summary["total"]["sparsity"], accuracy=chosen,
         accuracy_with_prompt=with_prompt, accuracy_without_prompt=without,
-        epochs={k: v["epochs"] for k, v in done.items()},
-        gradient_steps=sum(v["gradient_steps"] for v in done.values()), seconds=seconds)
+        epochs={s.name: s.epochs for s in stages},
+        gradient_steps=sum(s.epochs * steps_per_epoch * s.steps_per_iteration for s in stages),
+        seconds=progress["seconds"] + time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------------------------------

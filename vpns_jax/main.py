@@ -5,6 +5,7 @@ Only flags, platform set-up and dispatch live here; the work is in `vpns_jax.exp
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -19,6 +20,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config, checkpoints (a rerun resumes), results.json, plots.")
+
+
+_LIBRARY_LOGS = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Keep the libraries' INFO chatter (orbax logs every save step) out of the run's log."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in _LIBRARY_LOGS)
 
 
 def setup_platform(compilation_cache: str, distributed: bool) -> None:
@@ -47,6 +59,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required: the run's directory (a rerun resumes there)")
     config = _CONFIG.value
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     setup_platform(config.compilation_cache, config.distributed)
     from vpns_jax import experiment
 
