@@ -97,15 +97,22 @@ def enable_compilation_cache(setting: str) -> str:
     return path
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls after `warmup` calls; `fn` must block until done."""
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int,
+               cpu_out: list[float] | None = None) -> list[float]:
+    """Wall seconds of `repeats` calls after `warmup` calls; `fn` must block until done.
+
+    cpu_out: if given, receives the process CPU seconds (all threads) of each timed call, which is
+    steadier than wall time on a shared machine.
+    """
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+        if cpu_out is not None:
+            cpu_out.append(time.process_time() - c0)
     return out
 
 
@@ -147,6 +154,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     seconds: dict[str, list[float]] = {}
     compile_s: dict[str, float] = {}
     flops: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}
 
     def run_train(name: str, stage: Any, state: Any) -> Any:
         step = steps.make_train_step(stage, model, spec)
@@ -161,7 +169,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
             box[0], metrics = compiled(box[0], batches, label_map, factors)
             jax.block_until_ready(metrics)
 
-        seconds[name] = time_calls(call, args.warmup, args.repeats)
+        seconds[name] = time_calls(call, args.warmup, args.repeats, cpu.setdefault(name, []))
         return box[0]
 
     if "dense" in args.steps:
@@ -185,7 +193,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         flops["eval"] = compiled_flops(compiled_eval)
         seconds["eval"] = time_calls(
             lambda: jax.block_until_ready(compiled_eval(st, eval_batch, label_map)),
-            args.warmup, args.repeats)
+            args.warmup, args.repeats, cpu.setdefault("eval", []))
 
     thr = jax.jit(lambda s: sparsity.global_threshold(s, args.density))
     scores = vpns_method.init_scores(variables["params"])
@@ -193,7 +201,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     n_scores = int(sum(v.size for v in scores.values()))
     stats = jax.devices()[0].memory_stats() or {}
     return {"seconds": seconds, "compile_s": compile_s, "num_scores": n_scores, "flops": flops,
-            "peak_bytes": stats.get("peak_bytes_in_use")}
+            "peak_bytes": stats.get("peak_bytes_in_use"), "cpu": cpu}
 
 
 def compiled_flops(compiled: Any) -> float:
@@ -247,6 +255,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
                                nchw(data["x_train"]), torch.from_numpy(data["y_train"]).long())))
     cuda = device.startswith("cuda")
     peak: dict[str, int] = {}
+    cpu: dict[str, list[float]] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> None:
         def call() -> None:
@@ -256,7 +265,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seconds[name] = time_calls(call, warmup, args.repeats)
+        seconds[name] = time_calls(call, warmup, args.repeats, cpu.setdefault(name, []))
         if cuda:
             peak[name] = int(torch.cuda.max_memory_allocated())
 
@@ -286,7 +295,8 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
     if not compile_model:
         timed("threshold", v.refresh)
     return {"seconds": seconds, "threads": torch.get_num_threads(), "device": device,
-            "autocast": args.torch_autocast, "version": torch.__version__, "peak_bytes": peak}
+            "autocast": args.torch_autocast, "version": torch.__version__, "peak_bytes": peak,
+            "cpu": cpu}
 
 
 def images_per_step(name: str, batch: int) -> int:
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax": jax.__version__,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "cpu_s": {s: round(statistics.median(c), 4) for s, c in results["jax"]["cpu"].items()},
     }
     peak = peak_tflops(args)
     if peak:
@@ -387,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["torch_images_per_s"] = ips_of("torch")
         record["torch_threshold_ms"] = round(med["torch"]["threshold"] * 1e3, 2)
         record["torch_threads"] = results["torch"]["threads"]
+        record["torch_cpu_s"] = {s: round(statistics.median(c), 4)
+                                 for s, c in results["torch"]["cpu"].items()}
         record["jax_over_torch"] = {s: round(med["torch"][s] / med["jax"][s], 3)
                                     for s in ("mask_finding", "tuning", "dense", "eval")
                                     if s in med["torch"] and s in med["jax"]}
