@@ -24,6 +24,13 @@ def _abstract(name: str, size: int = 64, **kwargs):
     return jax.eval_shape(lambda r: models.init_variables(model, r, size), jax.random.key(0))
 
 
+def _numpy_variables(name: str, size: int = 32, seed: int = 0, **kwargs):
+    """Random variables made with numpy (no RNG compile: XLA takes ~0.3 s per random op on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32) / 8,
+                        _abstract(name, size, **kwargs))
+
+
 @pytest.mark.parametrize("name", models.ARCHS)
 def test_param_counts_equal_torchvision(name):
     variables = _abstract(name)
@@ -69,16 +76,16 @@ def test_width_and_small_input():
     assert v["features_0/kernel"].shape == (3, 3, 3, 6)
     assert v["classifier_0/kernel"].shape == (51 * 49, 410)
     model = models.create("resnet18", 10, width=0.25, small_input=True)
-    variables = models.init_variables(model, jax.random.key(0), 32)
-    assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
+    out = jax.eval_shape(model.apply, _abstract("resnet18", 32, width=0.25, small_input=True,
+                                                num_classes=10), jnp.zeros((2, 32, 32, 3)))
+    assert out.shape == (2, 10)
 
 
 def test_bfloat16_compute_keeps_float32_params():
     model = models.create("resnet18", 10, width=0.125, small_input=True, dtype=jnp.bfloat16)
-    variables = jax.jit(models.init_variables, static_argnums=(0, 2))(model, jax.random.key(0), 16)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-    logits, upd = model.apply(variables, jnp.ones((2, 16, 16, 3)), train=True,
-                              mutable=["batch_stats"])
+    variables = _numpy_variables("resnet18", 16, num_classes=10, width=0.125, small_input=True)
+    logits, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, jnp.ones((2, 16, 16, 3)))
     assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(upd))
 
@@ -116,22 +123,25 @@ def test_adaptive_avg_pool_matches_torch(size):
 
 def test_vgg_dropout_only_with_rng_in_train_mode():
     model = models.create("vgg16", 10, width=1 / 16)
-    variables = models.init_variables(model, jax.random.key(0), 32)
-    variables = jax.tree.map(lambda p: p + 0.05, variables)
+    variables = _numpy_variables("vgg16", num_classes=10, width=1 / 16)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    eval_out = model.apply(variables, x, train=False)
-    assert np.array_equal(model.apply(variables, x, train=True), eval_out)
-    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
-    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    apply = jax.jit(model.apply, static_argnames="train")
+    eval_out = apply(variables, x, train=False)
+    assert np.array_equal(apply(variables, x, train=True), eval_out)
+    drop = jax.jit(lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}))
+    a, b = drop(variables, x, jax.random.key(2)), drop(variables, x, jax.random.key(3))
     assert not np.allclose(a, eval_out) and not np.allclose(a, b)
 
 
 def test_init_variables_jit_and_eval_shape():
-    model = models.create("vgg16_bn", 10, width=1 / 16)
-    init = jax.jit(models.init_variables, static_argnums=(0, 2))
+    model = models.create("vgg16", 10, width=1 / 16)  # the fewest random initializers
+    init = jax.jit(models.init_variables, static_argnums=(0, 2))  # nests in an outer jit
     variables = init(model, jax.random.key(0), 32)
     shapes = jax.eval_shape(lambda r: models.init_variables(model, r, 32), jax.random.key(0))
     assert jax.tree.structure(variables) == jax.tree.structure(shapes)
     assert set(variables) == {"params", "batch_stats"}
-    assert models.init_variables(models.create("vgg16", width=1 / 16), jax.random.key(0),
-                                 32)["batch_stats"] == {}
+    # torchvision's init: conv kaiming-normal fan_out (std sqrt(2/(9·out))), zero biases.
+    k = np.asarray(variables["params"]["features_28"]["kernel"])
+    assert abs(k.std() / np.sqrt(2 / (9 * 32)) - 1) < 0.15
+    assert not np.asarray(variables["params"]["features_28"]["bias"]).any()
+    assert _abstract("vgg16", 32, width=1 / 16)["batch_stats"] == {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -43,9 +44,14 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
 def init_variables(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:
     """Initialize `{'params', 'batch_stats'}` with a [1, input_size, input_size, 3] dummy input.
 
-    Pure (works under `jax.jit` / `jax.eval_shape` with `model` and `input_size` static). Models
-    without BN get `batch_stats = {}`.
+    Jitted (one compile per model and size; op-by-op init is slow on CPU), and usable inside
+    `jax.jit` / `jax.eval_shape`. Models without BN get `batch_stats = {}`.
     """
+    return _init_jit(model, rng, int(input_size))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:
     x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
     variables = model.init({"params": rng}, x, train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

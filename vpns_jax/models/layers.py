@@ -5,15 +5,44 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
 
-# torchvision ResNet/VGG conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch.nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight.
-linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Initializers draw a flat vector and reshape it: XLA on CPU compiles random draws of 4-D shapes
+# about 7x slower than 1-D ones (ResNet-18 init: ~25 s → ~4 s).
+
+
+def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    """torchvision conv init, kaiming_normal_(mode='fan_out', relu): N(0, 2/(kh·kw·out)); HWIO."""
+    std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
+
+
+def linear_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    """torch.nn.Linear's default weight init: U(-1/sqrt(in), 1/sqrt(in)); kernel [in, out]."""
+    return uniform_init(1.0 / math.sqrt(shape[0]))(key, shape, dtype)
+
+
+def uniform_init(bound: float):
+    """Initializer U(-bound, bound)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
+        return flat.reshape(shape)
+
+    return init
+
+
+def normal_init(std: float):
+    """Initializer N(0, std²)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
+
+    return init
 
 
 def scaled(channels: int, width: float) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vpns_jax.models.layers import BatchNorm, conv, linear_init, scaled
+from vpns_jax.models.layers import BatchNorm, conv, linear_init, scaled, uniform_init
 
 Dtype = Any
 
@@ -96,18 +96,9 @@ class ResNet(nn.Module):
                 x = self.block(planes, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=linear_init, bias_init=_fc_bias_init(x.shape[-1]), name="fc")(x)
+                     kernel_init=linear_init, bias_init=uniform_init(x.shape[-1] ** -0.5),
+                     name="fc")(x)  # torch.nn.Linear's init
         return x.astype(jnp.float32)
-
-
-def _fc_bias_init(fan_in: int):
-    """torch.nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / max(fan_in, 1) ** 0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
-
-    return init
 
 
 def resnet18(**kwargs: Any) -> ResNet:

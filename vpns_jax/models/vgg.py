@@ -11,15 +11,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vpns_jax.models.layers import BatchNorm, adaptive_avg_pool, conv, scaled
+from vpns_jax.models.layers import BatchNorm, adaptive_avg_pool, conv, normal_init, scaled
 
 Dtype = Any
 
 VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512, "M")
 
-# torchvision VGG init: Linear ~ N(0, 0.01), bias 0.
-_linear_init = nn.initializers.normal(0.01)
+# torchvision VGG init: Linear ~ N(0, 0.01²), bias 0.
+_linear_init = normal_init(0.01)
 
 
 class VGG(nn.Module):

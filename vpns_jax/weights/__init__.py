@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -107,8 +108,10 @@ def _model_layout(arch: str, options: Mapping[str, Any]) -> tuple[list[str], dic
     order: list[str] = []
 
     def init(rng: jax.Array) -> dict[str, Any]:
-        variables = models.init_variables(model, rng, 32)
-        for col in ("params", "batch_stats"):  # dicts still in creation order while tracing
+        # model.init directly (not a jitted helper): its dicts are in creation order while tracing.
+        variables = model.init({"params": rng}, jnp.zeros((1, 32, 32, 3)), train=False)
+        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        for col in ("params", "batch_stats"):
             order.extend(f"{col}/{p}" for p in traverse_util.flatten_dict(variables[col], sep="/"))
         return variables
 
