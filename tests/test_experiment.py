@@ -181,3 +181,35 @@ def test_cli_bad_input_is_one_clear_line(flags, message, tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_switches_end_to_end(finished, tmp_path):
+    """new_head + dense + HYDRA, and VPNs with ILM, prompted-only passes and the prompt at test time."""
+    config, _, _ = finished
+    c = config.copy_and_resolve_references()
+    c.methods = "dense,hydra"
+    c.label_mapping = "new_head"
+    c.dense.epochs = 1
+    c.hydra.mask_finding.epochs = c.hydra.tuning.epochs = 1
+    c.steps_per_epoch = 5
+    results = experiment.run(c, str(tmp_path / "a"))
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"dense", "hydra"}
+    assert results["dense"]["accuracy"] == runs["dense"]["accuracy"]
+    assert runs["dense"]["actual_sparsity"] == 0.0 and runs["dense"]["accuracy_with_prompt"] is None
+    assert runs["hydra"]["gradient_steps"] == 2 * 5  # one un-prompted pass per iteration
+    from vpns_jax import checkpoint
+
+    tree, meta = checkpoint.load_final(str(tmp_path / "a" / "final" / "hydra_s0.5"))
+    assert tree["params"]["fc"]["kernel"].shape[-1] == 10 and "label_map" not in tree
+
+    c = config.copy_and_resolve_references()
+    c.label_mapping = "ilm"
+    c.passes = "prompted_only"
+    c.prompt.at_test = True
+    c.mask_finding.epochs = c.tuning.epochs = 1
+    c.steps_per_epoch = 5
+    results = experiment.run(c, str(tmp_path / "b"))
+    (run,) = results["runs"]
+    assert run["accuracy"] == run["accuracy_with_prompt"]
+    assert run["gradient_steps"] == 2 * 5  # one prompted pass per iteration

@@ -380,8 +380,10 @@ def _finish(ctx: Context, method: str, sparsity_level: float, stages: list[train
     if ctx.primary:
         report.save_layer_sparsity(ctx.workdir, method, sparsity_level, summary)
     final = {"params": state.params, "batch_stats": state.batch_stats, "scores": state.scores,
-             "masks": {p: np.asarray(m, bool) for p, m in masks.items()}, "prompt": state.prompt,
-             "label_map": np.asarray(label_map if label_map is not None else [], np.int32)}
+             "masks": {p: np.asarray(m, bool) for p, m in masks.items()}, "prompt": state.prompt}
+    if label_map is not None:
+        final["label_map"] = np.asarray(label_map, np.int32)
+    final = {k: v for k, v in final.items() if not isinstance(v, dict) or v}  # no empty items
     checkpoint.save_final(os.path.join(ctx.workdir, "final", name), jax.device_get(final),
                           {"arch": ctx.arch, "options": ctx.weights_meta["options"],
                            "num_outputs": int(ctx.model.num_classes), "method": method,
@@ -453,14 +455,14 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
     results = report.load_results(ctx.workdir)
     for name in names:
         tree, meta = checkpoint.load_final(os.path.join(final_dir, name))
-        masks = {p: np.asarray(m, bool) for p, m in tree["masks"].items()}
+        masks = {p: np.asarray(m, bool) for p, m in tree.get("masks", {}).items()}
         stage = train.Stage("eval", 0, mask_mode="fixed" if any(not m.all() for m in masks.values())
                             else "none")
-        state = train.create_state({"params": tree["params"], "batch_stats": tree["batch_stats"]},
+        state = train.create_state({"params": tree["params"], "batch_stats": tree.get("batch_stats", {})},
                                    rng=jax.random.PRNGKey(ctx.config.seed),
                                    scores=tree.get("scores"), prompt=tree.get("prompt"))
         state = ctx.replicate(state.replace(masks=masks if stage.mask_mode == "fixed" else {}))
-        label_map = tree["label_map"] if np.size(tree["label_map"]) else None
+        label_map = tree.get("label_map")
         acc = evaluate_state(ctx, state, stage, label_map, has_prompt=bool(meta.get("has_prompt")))
         logging.info("%s: accuracy %.4f, with prompt %s", name, acc["without_prompt"],
                      acc["with_prompt"])
