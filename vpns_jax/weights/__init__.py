@@ -67,7 +67,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:  # safetensors raises its own Rust-side error types
         raise WeightsError(f"{path}: corrupt or truncated .safetensors file "
                            f"({type(e).__name__}: {e}); download or export it again.") from None
