@@ -344,3 +344,21 @@ def test_given_fixed_mask_zeroes_and_keeps_pruned_weights(setup):
     now = traverse_util.flatten_dict(snapshot(state.params), sep='/')
     for p, m in masks.items():
         assert np.all(now[p][~m] == 0.0) and np.all(now[p][m] != flat[p][m]), p
+
+
+def test_vgg_trains_with_dropout_like_torch_train_mode():
+    """The reference trains in model.train(): VGG's classifier dropout is active in every pass."""
+    from vpns_jax import methods, models, train
+
+    model = models.create('vgg16', 10, width=0.0625)
+    variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0), 32))
+    (stage,) = methods.stages('dense', {'epochs': 1})
+    batch = {'image': np.random.default_rng(0).random((8, 32, 32, 3), np.float32),
+             'label': np.arange(8, dtype=np.int32) % 10}
+    step = train.make_train_step(stage, model)
+    losses = []
+    for seed in (1, 2):
+        state = train.begin_stage(stage, train.create_state(variables, rng=jax.random.PRNGKey(seed)))
+        _, metrics = step(state, {'train': batch}, None, train.lr_factors(stage, 0))
+        losses.append(float(metrics['pass0/loss']))
+    assert losses[0] != losses[1], 'same params, different step keys: dropout must change the loss'

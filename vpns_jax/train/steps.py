@@ -28,6 +28,7 @@ from vpns_jax.train.state import TrainState, frozen_masks, learned_masks, zero_p
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 _EVAL_RNG_SALT = 2**31 - 1  # eval key of a 'random' prompt: fold_in(rng, salt)
+_DROPOUT_SALT = 2**31 - 2  # dropout key of a pass: fold_in(pass rng, salt)
 
 
 def current_masks(state: TrainState, stage: Stage) -> dict[str, jax.Array]:
@@ -74,8 +75,10 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
         params = zero_pruned(tr['params'], masks)
         x = model_inputs(batch['image'], tr['prompt'], prompted=pass_.prompted,
                          prompt_spec=prompt_spec, rng=rng)
+        # Train mode as torch's model.train(): BN batch statistics and (VGG) dropout active.
         logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
-                                      train=True, mutable=['batch_stats'])
+                                      train=True, mutable=['batch_stats'],
+                                      rngs={'dropout': jax.random.fold_in(rng, _DROPOUT_SALT)})
         logits = head_logits(logits, label_map)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
         return loss, (updated['batch_stats'], logits)
