@@ -67,3 +67,40 @@ def missing_files_error(
         f"{shown} not found. "
         f"{source} Then run: python -m vpns_jax.data prepare --dataset {dataset} --manual_dir DIR"
     )
+
+
+def manual_photo_builder_base():
+    """Base class of the builders that read photos from a manual directory.
+
+    Subclasses set ``NUM_CLASSES`` and implement ``check_manual_dir``, ``_split_generators`` and
+    ``_generate_examples``; the features are an RGB image, a class label and the source file name.
+    (A function, so that TFDS is imported only when a builder is needed.)
+    """
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    class ManualPhotoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        NUM_CLASSES: int = 0
+
+        def __init__(self, *, manual_dir: str | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self._manual = (
+                os.fspath(manual_dir) if manual_dir else default_manual_dir(self._data_dir_root)
+            )
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=sys.modules[type(self).__module__].__doc__,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
+                        "file_name": tfds.features.Text(),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+    return ManualPhotoBuilder

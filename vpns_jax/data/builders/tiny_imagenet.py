@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from vpns_jax.data.builders.common import (
     IMAGE_SUFFIXES,
-    default_manual_dir,
+    manual_photo_builder_base,
     missing_files_error,
     rgb_image_bytes,
 )
@@ -90,37 +90,18 @@ def index_tree(tree: FileTree) -> tuple[list[str], dict[str, list[tuple[str, int
     return wnids, {"train": train, "validation": validation}
 
 
-class VpnsTinyImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class VpnsTinyImagenet(manual_photo_builder_base(), skip_registration=True):
     """Tiny-ImageNet-200 read from the manual directory (see module doc)."""
 
     name = "vpns_tiny_imagenet"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Official train and val (val_annotations.txt), sorted-wnid labels."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = SOURCE
-
-    def __init__(self, *, manual_dir: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self._manual = (
-            os.fspath(manual_dir) if manual_dir else default_manual_dir(self._data_dir_root)
-        )
+    NUM_CLASSES = NUM_CLASSES
 
     def check_manual_dir(self) -> None:
         """Raises DataError naming what is missing in the manual directory."""
         index_tree(find_tree(self._manual))
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
