@@ -34,10 +34,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Threshold:
-    """The one global threshold shared by every scored layer (a plain holder, not a tensor leaf)."""
+    """The one global threshold shared by every scored layer (a plain holder, not a tensor leaf).
 
-    def __init__(self) -> None:
-        self.tau: torch.Tensor = torch.tensor(-1.0)
+    ``tau`` is one 0-d tensor updated in place, so that ``torch.compile`` sees the same input
+    tensor every iteration instead of recompiling for a new constant.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.tau: torch.Tensor = torch.tensor(-1.0, device=device)
 
 
 class GetSubnet(torch.autograd.Function):
@@ -122,7 +126,7 @@ def refresh_threshold(model: nn.Module, threshold: Threshold, density: float) ->
     flat = torch.cat([s.detach().abs().flatten() for s in score_params(model)])
     k = int((1.0 - density) * flat.numel())
     if k >= 1:
-        threshold.tau = torch.kthvalue(flat, k).values
+        threshold.tau.copy_(torch.kthvalue(flat, k).values)
 
 
 class PadPrompt(nn.Module):
@@ -180,7 +184,7 @@ class VPNsTorch:
         device: str = "cpu",
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        self.threshold = Threshold()
+        self.threshold = Threshold(device)
         self.net = replace_layers(dense, self.threshold).to(device)
         self.prompt = PadPrompt(input_size, output_size, pad_size).to(device)
         self.mapping = torch.arange(num_target, device=device)
