@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt border (default min(16, size/2))")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="JAX model computation dtype (params stay float32)")
+    p.add_argument("--conv-impl", default=None, choices=("auto", "im2col", "xla"),
+                   help="models.create(conv_impl=...) (vpns_jax.ops lowering); default: the "
+                        "models' backend default")
     p.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -137,8 +140,9 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     from vpns_jax.train import state as state_lib
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    options = {} if args.conv_impl is None else {"conv_impl": args.conv_impl}
     model = models.create(args.arch, 1000, width=args.width, small_input=args.small_input,
-                          dtype=dtype)
+                          dtype=dtype, **options)
     variables = models.init_variables(model, jax.random.key(args.seed), args.size)
     spec = prompts.PromptSpec("pad", input_size=args.size, output_size=args.size,
                               pad_size=args.pad_size)
@@ -201,7 +205,8 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     n_scores = int(sum(v.size for v in scores.values()))
     stats = jax.devices()[0].memory_stats() or {}
     return {"seconds": seconds, "compile_s": compile_s, "num_scores": n_scores, "flops": flops,
-            "peak_bytes": stats.get("peak_bytes_in_use"), "cpu": cpu}
+            "peak_bytes": stats.get("peak_bytes_in_use"), "cpu": cpu,
+            "conv_impl": getattr(model, "conv_impl", "xla")}
 
 
 def compiled_flops(compiled: Any) -> float:
@@ -344,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            for k, r in results.items()}
     impls = [k for k in ("jax", "torch", "torch_compile") if k in med]
     rows = [name for name in (*STEPS, "threshold") if any(name in med[k] for k in impls)]
-    print(f"{args.arch} {args.size}px batch {args.batch} {args.dtype}, density {args.density}, "
+    print(f"{args.arch} {args.size}px batch {args.batch} {args.dtype} "
+          f"conv_impl={results['jax']['conv_impl']}, density {args.density}, "
           f"median of {args.repeats} after {args.warmup} warm-up; ms (images/s)")
     print(f"{'step':<14}" + "".join(f"{k:>24}" for k in impls))
     for name in rows:
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": device_name(),
         "arch": args.arch, "size": args.size, "batch": args.batch, "dtype": args.dtype,
         "density": args.density, "width": args.width, "small_input": args.small_input,
+        "conv_impl": results["jax"]["conv_impl"],
         "threshold_ms": round(med["jax"]["threshold"] * 1e3, 2),
         "num_scores": results["jax"]["num_scores"],
         "compile_s": {k: round(v, 2) for k, v in results["jax"]["compile_s"].items()},
