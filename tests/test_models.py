@@ -145,3 +145,31 @@ def test_init_variables_jit_and_eval_shape():
     assert abs(k.std() / np.sqrt(2 / (9 * 32)) - 1) < 0.15
     assert not np.asarray(variables["params"]["features_28"]["bias"]).any()
     assert _abstract("vgg16", 32, width=1 / 16)["batch_stats"] == {}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16_bn"])
+def test_conv_lowerings_agree_in_values_and_gradients(arch):
+    """conv_impl changes how convolutions are lowered, never the parameters or the function.
+
+    Gradients are compared in eval mode: train-mode BatchNorm over a 1x1 map of a tiny batch is
+    ill-conditioned and amplifies rounding differences of any two float32 summation orders.
+    """
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    outs = {}
+    for impl in ("xla", "auto", "im2col"):
+        model = models.create(arch, 10, width=0.125, conv_impl=impl)
+        variables = models.init_variables(model, jax.random.PRNGKey(0), 32)
+        eval_logits = model.apply(variables, x, train=False)
+
+        def loss(params, model=model, variables=variables):
+            return jnp.sum(model.apply({**variables, "params": params}, x, train=False) ** 2)
+
+        outs[impl] = (eval_logits, jax.grad(loss)(variables["params"]))
+    for impl in ("auto", "im2col"):
+        scale = float(np.abs(outs["xla"][0]).max())
+        np.testing.assert_allclose(outs[impl][0], outs["xla"][0], rtol=1e-5, atol=1e-5 * scale)
+        for a, b in zip(jax.tree.leaves(outs[impl][1]), jax.tree.leaves(outs["xla"][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()) + 1e-7)
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        models.create("resnet18", conv_impl="winograd")
+    assert models.default_conv_impl() == "auto"  # the tests run on the CPU backend

@@ -22,12 +22,22 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 
 
+CONV_IMPLS = ("auto", "im2col", "xla")
+
+
+def default_conv_impl() -> str:
+    """'auto' (matmul lowering where XLA's CPU convolution is slow) on CPU, XLA's conv elsewhere."""
+    return "auto" if jax.default_backend() == "cpu" else "xla"
+
+
 def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-           dtype: Any = jnp.float32) -> nn.Module:
+           dtype: Any = jnp.float32, conv_impl: str | None = None) -> nn.Module:
     """Build architecture `name` (one of `ARCHS`); defaults are exactly torchvision's.
 
     width: multiplier on every conv/hidden width (rounded, ≥1). small_input: ResNet 3×3/1 stem
     without max-pool (VGG unchanged). dtype: computation dtype (params stay float32).
+    conv_impl: convolution lowering, 'auto' | 'im2col' | 'xla' (`vpns_jax.ops`); None picks
+    `default_conv_impl()` for the current backend. Parameters and results do not depend on it.
     Call: `model.apply(v, x, train=False)`, or in train mode
     `model.apply(v, x, train=True, mutable=['batch_stats'])`.
     """
@@ -37,8 +47,11 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
         raise ValueError(f"width must be > 0, got {width}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+    conv_impl = default_conv_impl() if conv_impl is None else conv_impl
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     return _BUILDERS[name](num_classes=int(num_classes), width=float(width),
-                           small_input=bool(small_input), dtype=dtype)
+                           small_input=bool(small_input), dtype=dtype, conv_impl=conv_impl)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:
@@ -62,4 +75,4 @@ def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-__all__ = ["ARCHS", "create", "init_variables", "param_count"]
+__all__ = ["ARCHS", "CONV_IMPLS", "create", "default_conv_impl", "init_variables", "param_count"]

@@ -1,6 +1,7 @@
 """Layers with PyTorch semantics: BatchNorm, torchvision-initialized conv, adaptive avg pooling."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -8,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vpns_jax import ops
 
 Dtype = Any
 
@@ -51,13 +54,19 @@ def scaled(channels: int, width: float) -> int:
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Dtype,
-         use_bias: bool = False, kernel_init=conv_init) -> nn.Conv:
-    """A torch-like Conv2d (padding kernel//2); kernel f32[kh, kw, in, out], params float32."""
+         use_bias: bool = False, kernel_init=conv_init, impl: str = "xla") -> nn.Conv:
+    """A torch-like Conv2d (padding kernel//2); kernel f32[kh, kw, in, out], params float32.
+
+    impl: how the convolution is lowered (`vpns_jax.ops.conv_general_dilated`): 'xla' (lax's
+    convolution), 'auto' (per-layer choice, the fast CPU path) or 'im2col'. Same parameters and
+    results either way.
+    """
     pad = kernel // 2
+    lowering = None if impl == "xla" else functools.partial(ops.conv_general_dilated, impl=impl)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
                    param_dtype=jnp.float32, kernel_init=kernel_init,
-                   bias_init=nn.initializers.zeros, name=name)
+                   bias_init=nn.initializers.zeros, name=name, conv_general_dilated=lowering)
 
 
 class BatchNorm(nn.Module):

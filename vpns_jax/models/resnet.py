@@ -22,15 +22,16 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """x [B, H, W, Cin] → [B, H/stride, W/stride, planes]."""
-        out = conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        out = conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype, impl=self.conv_impl)(x)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = conv(self.planes, 3, name="conv2", dtype=self.dtype)(out)
+        out = conv(self.planes, 3, name="conv2", dtype=self.dtype, impl=self.conv_impl)(out)
         out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
-        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.dtype, train))
+        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.dtype, train, self.conv_impl))
 
 
 class Bottleneck(nn.Module):
@@ -39,27 +40,29 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """x [B, H, W, Cin] → [B, H/stride, W/stride, 4·planes]."""
-        out = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
+        out = conv(self.planes, 1, name="conv1", dtype=self.dtype, impl=self.conv_impl)(x)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(out)
+        out = conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype, impl=self.conv_impl)(out)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, train))
-        out = conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out)
+        out = conv(self.planes * 4, 1, name="conv3", dtype=self.dtype, impl=self.conv_impl)(out)
         out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)
-        return nn.relu(out + _shortcut(x, self.planes * 4, self.stride, self.dtype, train))
+        return nn.relu(out + _shortcut(x, self.planes * 4, self.stride, self.dtype, train, self.conv_impl))
 
 
-def _shortcut(x: jnp.ndarray, features: int, stride: int, dtype: Dtype, train: bool) -> jnp.ndarray:
+def _shortcut(x: jnp.ndarray, features: int, stride: int, dtype: Dtype, train: bool,
+              conv_impl: str) -> jnp.ndarray:
     """Identity, or torchvision's `downsample` (1×1 conv with stride, then BN) when shapes differ.
 
     Called inside a compact block's `__call__`, so the submodules attach to that block.
     """
     if stride == 1 and x.shape[-1] == features:
         return x
-    y = conv(features, 1, stride, name="downsample_0", dtype=dtype)(x)
+    y = conv(features, 1, stride, name="downsample_0", dtype=dtype, impl=conv_impl)(x)
     return BatchNorm(dtype=dtype, name="downsample_1")(y, train)
 
 
@@ -77,15 +80,16 @@ class ResNet(nn.Module):
     width: float = 1.0
     small_input: bool = False
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = jnp.asarray(x, self.dtype)
         stem = scaled(64, self.width)
         if self.small_input:
-            x = conv(stem, 3, 1, name="conv1", dtype=self.dtype)(x)
+            x = conv(stem, 3, 1, name="conv1", dtype=self.dtype, impl=self.conv_impl)(x)
         else:
-            x = conv(stem, 7, 2, name="conv1", dtype=self.dtype)(x)
+            x = conv(stem, 7, 2, name="conv1", dtype=self.dtype, impl=self.conv_impl)(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         if not self.small_input:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -93,7 +97,8 @@ class ResNet(nn.Module):
             planes = scaled(64 * 2**i, self.width)
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = self.block(planes, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+                x = self.block(planes, stride, dtype=self.dtype, conv_impl=self.conv_impl,
+                               name=f"layer{i + 1}_{j}")(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=linear_init, bias_init=uniform_init(x.shape[-1] ** -0.5),

@@ -38,6 +38,7 @@ class VGG(nn.Module):
     small_input: bool = False
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -49,7 +50,7 @@ class VGG(nn.Module):
                 idx += 1
                 continue
             x = conv(scaled(int(v), self.width), 3, name=f"features_{idx}", dtype=self.dtype,
-                     use_bias=True)(x)
+                     use_bias=True, impl=self.conv_impl)(x)
             if self.batch_norm:
                 x = BatchNorm(dtype=self.dtype, name=f"features_{idx + 1}")(x, train)
                 idx += 1
