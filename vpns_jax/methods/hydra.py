@@ -9,10 +9,9 @@ cosine.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from vpns_jax import sparsity
-from vpns_jax.train.stages import UNPROMPTED, Stage, make_group_optimizer
+from vpns_jax.methods import learned_mask
+from vpns_jax.train.stages import Stage
 
 NAME = 'hydra'
 USES_PROMPT = False
@@ -37,21 +36,9 @@ class Config:
     threshold_scope: str = 'global'
 
 
-def init_scores(params: Any) -> dict:
-    """Scaled score init (same formula as original HYDRA)."""
-    return dict(sparsity.scaled_score_init(params))
+init_scores = learned_mask.init_scores
 
 
 def recipe(config: Config) -> list[Stage]:
-    """[mask_finding, tuning] stages of one sparsity level."""
-    c = config
-    scores = make_group_optimizer(c.score_optimizer, c.score_lr, momentum=c.score_momentum,
-                                  weight_decay=c.score_weight_decay, schedule=c.schedule)
-    weights = make_group_optimizer(c.weight_optimizer, c.weight_lr, momentum=c.weight_momentum,
-                                   weight_decay=c.weight_weight_decay, schedule=c.schedule)
-    return [
-        Stage('mask_finding', c.mask_finding_epochs, scores=scores, passes=UNPROMPTED,
-              mask_mode='learned', density=c.density, threshold_scope=c.threshold_scope),
-        Stage('tuning', c.tuning_epochs, params=weights, passes=UNPROMPTED, mask_mode='fixed',
-              density=c.density, threshold_scope=c.threshold_scope),
-    ]
+    """[mask_finding, tuning] stages of one sparsity level, one un-prompted pass per iteration."""
+    return learned_mask.mask_then_tune(config)

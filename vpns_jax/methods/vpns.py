@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from vpns_jax import sparsity
 from vpns_jax.errors import ConfigError
+from vpns_jax.methods import learned_mask
 from vpns_jax.train.stages import (
     FROZEN,
     UNPROMPTED,
@@ -72,18 +72,12 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def init_scores(params: Any) -> dict:
-    """First mask = scaled scores (a layer-normalized magnitude mask at the global threshold)."""
-    return dict(sparsity.scaled_score_init(params))
+init_scores = learned_mask.init_scores
 
 
 def recipe(config: Config) -> list[Stage]:
     """[mask_finding, tuning] stages of one sparsity level."""
     c = config
-    scores = make_group_optimizer(c.score_optimizer, c.score_lr, momentum=c.score_momentum,
-                                  weight_decay=c.score_weight_decay, schedule=c.schedule)
-    weights = make_group_optimizer(c.weight_optimizer, c.weight_lr, momentum=c.weight_momentum,
-                                   weight_decay=c.weight_weight_decay, schedule=c.schedule)
     prompt_mf = make_group_optimizer(
         _or(c.prompt_mask_finding_optimizer, c.score_optimizer),
         _or(c.prompt_mask_finding_lr, c.score_lr), momentum=c.score_momentum,
@@ -96,13 +90,8 @@ def recipe(config: Config) -> list[Stage]:
     prompted = passes_preset(c.passes)
     mf_prompt = c.prompt_in in ('both', 'mask_finding')
     tune_prompt = c.prompt_in in ('both', 'tuning')
-    return [
-        Stage('mask_finding', c.mask_finding_epochs, scores=scores,
-              prompt=prompt_mf if mf_prompt else FROZEN,
-              passes=prompted if mf_prompt else UNPROMPTED, mask_mode='learned',
-              density=c.density, threshold_scope=c.threshold_scope),
-        Stage('tuning', c.tuning_epochs, params=weights,
-              prompt=prompt_tune if tune_prompt else FROZEN,
-              passes=prompted if tune_prompt else UNPROMPTED, mask_mode='fixed',
-              density=c.density, threshold_scope=c.threshold_scope),
-    ]
+    return learned_mask.mask_then_tune(
+        c, mask_finding_passes=prompted if mf_prompt else UNPROMPTED,
+        tuning_passes=prompted if tune_prompt else UNPROMPTED,
+        mask_finding_prompt=prompt_mf if mf_prompt else FROZEN,
+        tuning_prompt=prompt_tune if tune_prompt else FROZEN)
