@@ -213,3 +213,37 @@ def test_switches_end_to_end(finished, tmp_path):
     (run,) = results["runs"]
     assert run["accuracy"] == run["accuracy_with_prompt"]
     assert run["gradient_steps"] == 2 * 5  # one prompted pass per iteration
+
+
+def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tmp_path, monkeypatch):
+    """checkpoint_every_steps: a run stopped inside an epoch restarts from that iteration."""
+    config, _, results = finished
+    config = config.copy_and_resolve_references()
+    config.checkpoint_every_steps = 7  # not a semantic field: results must equal the plain run's
+    real_run_stage = experiment.train.run_stage
+    starts = []
+
+    def stop_after_first_step_checkpoint(stage, *args, **kwargs):
+        save = kwargs["step_hook"]
+
+        def save_then_stop(end):
+            save(end)
+            raise KeyboardInterrupt
+
+        return real_run_stage(stage, *args, **{**kwargs, "step_hook": save_then_stop})
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(experiment.train, "run_stage", stop_after_first_step_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(config, workdir)
+
+    def record_start(stage, *args, **kwargs):
+        starts.append((stage.name, kwargs["start_epoch"], kwargs["start_iteration"]))
+        return real_run_stage(stage, *args, **kwargs)
+
+    monkeypatch.setattr(experiment.train, "run_stage", record_start)
+    resumed = experiment.run(config, workdir)
+    assert starts == [("mask_finding", 0, 7), ("tuning", 0, 0)]
+    (a,), (b,) = results["runs"], resumed["runs"]
+    for key in ("accuracy", "accuracy_with_prompt", "actual_sparsity", "gradient_steps"):
+        assert a[key] == b[key], key

@@ -108,6 +108,7 @@ def default_config() -> mlc.ConfigDict:
     c.steps_per_epoch = 0  # 0 = the whole training split; >0 caps iterations per epoch (quick runs)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 1
+    c.checkpoint_every_steps = 0  # >0: also checkpoint every N iterations inside an epoch
     c.distributed = False  # jax.distributed.initialize() (also with env VPNS_DISTRIBUTED=1)
     c.compilation_cache = ""  # '' = ~/.cache/vpns_jax/jax_cache; 'off' disables
     c.plots = True
@@ -257,6 +258,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_epochs")
+    _positive_int(config, "checkpoint_every_steps", allow_zero=True)
     if config.proxy.dataset:
         if known_datasets is not None:
             _one_of(config, "proxy.dataset", known_datasets)

@@ -28,7 +28,8 @@ from vpns_jax import weights as weights_lib
 from vpns_jax.errors import CheckpointError, ConfigError
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.
-_NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "compilation_cache", "plots",
+_NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
+                 "compilation_cache", "plots",
                  "distributed", "eval_batch_size", "methods", "sparsities")
 
 
@@ -59,13 +60,16 @@ class Context:
 
 
 class _Capped:
-    """An epoch source capped at `steps` batches per epoch (config.steps_per_epoch)."""
+    """A training loader capped at `steps` batches per epoch (config.steps_per_epoch; 0 = all)."""
 
     def __init__(self, loader: Any, steps: int):
         self.loader, self.steps = loader, min(steps, len(loader)) if steps else len(loader)
 
-    def __call__(self, epoch: int) -> _CappedEpoch:
-        return _CappedEpoch(self.loader.epoch(epoch), self.steps)
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> _CappedEpoch:
+        return _CappedEpoch(self.loader.epoch(epoch, start_step=start_step), self.steps - start_step)
 
 
 class _CappedEpoch:
@@ -294,7 +298,8 @@ def run_one(ctx: Context, method: str, sparsity_level: float) -> dict[str, Any]:
     prompt = prompts.init_prompt(ctx.prompt_spec) if uses_prompt else None
     fresh = train.create_state(variables, rng=rng, scores=scores, prompt=prompt)
     ckpt = checkpoint.RunCheckpointer(os.path.join(ctx.workdir, "checkpoints", name))
-    progress = {"stage": 0, "epoch": -1, "seconds": 0.0, "label_map": None}
+    # Position = (stage, epoch, iteration done in that epoch); checkpoints are never at (i, 0, 0).
+    progress = {"stage": 0, "epoch": 0, "iteration": 0, "seconds": 0.0, "label_map": None}
     latest = ckpt.latest_step()
     if latest is not None:
         meta = ckpt.read_meta(latest)
@@ -302,8 +307,9 @@ def run_one(ctx: Context, method: str, sparsity_level: float) -> dict[str, Any]:
         state, meta = ckpt.restore(latest, abstract_state=abstract,
                                    config_hash=_config_hash(config))
         progress.update({k: meta[k] for k in progress})
-        logging.info("%s: resuming after stage %d epoch %d (checkpoint %d)", name,
-                     progress["stage"], progress["epoch"] + 1, latest)
+        logging.info("%s: resuming at stage %s, epoch %d, iteration %d (checkpoint %d)", name,
+                     stages[progress["stage"]].name, progress["epoch"] + 1, progress["iteration"],
+                     latest)
     else:
         state = fresh
         # The mapping is computed once, after the initial mask, with the zero prompt (reference §2).
@@ -325,42 +331,51 @@ def _label_map(progress: dict[str, Any]) -> np.ndarray | None:
 
 def _run_stages(ctx: Context, name: str, stages: list[train.Stage], state: train.TrainState,
                 ckpt: checkpoint.RunCheckpointer, progress: dict[str, Any]) -> train.TrainState:
-    """Run the stages after `progress` (stage index, last finished epoch), checkpointing every epoch.
-
-    `progress` is updated in place (label map, elapsed seconds) and saved as the checkpoint's meta.
-    """
+    """Run the stages from the position in `progress`, checkpointing after every epoch (and every
+    `config.checkpoint_every_steps` iterations). `progress` is updated in place and saved as meta."""
     config = ctx.config
-    offsets = np.cumsum([0] + [s.epochs for s in stages])
-    first = progress["stage"] + (progress["epoch"] + 1 >= stages[progress["stage"]].epochs)
-    for i in range(first, len(stages)):
-        stage = stages[i]
-        start_epoch = progress["epoch"] + 1 if i == progress["stage"] else 0
-        if start_epoch == 0:
+    loaders = {v: _Capped(ctx.loaders[v], config.steps_per_epoch) for v in ("train", "prompt")}
+    steps = len(loaders["train"])
+    offsets = np.cumsum([0] + [s.epochs * steps for s in stages])  # checkpoint number = iteration
+    for i, stage in enumerate(stages):
+        if i < progress["stage"] or (i == progress["stage"] and progress["epoch"] >= stage.epochs):
+            continue  # finished before (a checkpoint at its end was restored), or empty
+        if i > progress["stage"]:
+            progress.update(stage=i, epoch=0, iteration=0)
+        start_epoch, start_iteration = progress["epoch"], progress["iteration"]
+        if (start_epoch, start_iteration) == (0, 0):
             state = ctx.replicate(train.begin_stage(stage, state))
         started, seconds_before = time.perf_counter(), progress["seconds"]
 
-        def save_hook(end: train.EpochEnd, i=i, started=started, before=seconds_before) -> None:
+        def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any, i: int = i,
+                 started: float = started, before: float = seconds_before) -> None:
+            progress.update(stage=i, epoch=epoch, iteration=iteration,
+                            seconds=before + time.perf_counter() - started,
+                            label_map=None if label_map is None else np.asarray(label_map).tolist())
+            ckpt.save(int(offsets[i]) + epoch * steps + iteration, state,
+                      {**progress, "config_hash": _config_hash(config)})
+
+        def epoch_hook(end: train.EpochEnd) -> None:
             epoch = end.epoch + 1
-            progress.update(stage=i, epoch=end.epoch, seconds=before + time.perf_counter() - started,
-                            label_map=None if end.label_map is None
-                            else np.asarray(end.label_map).tolist())
             _append_metrics(ctx, {"run": name, "stage": end.stage.name, "epoch": epoch,
                                   **end.metrics})
             if epoch % config.checkpoint_every_epochs == 0 or epoch == end.stage.epochs:
-                ckpt.save(int(offsets[i]) + epoch, end.state,
-                          {**progress, "config_hash": _config_hash(config)})
+                save(end.state, epoch, 0, end.label_map)
 
         hooks: list[Callable] = []
         if config.label_mapping == "ilm":  # re-mapped after every epoch, through the current prompt
             hooks.append(lambda end: label_map_for(ctx, end.state, end.stage,
                                                    prompted=end.stage.prompt_in_stage,
                                                    epoch=end.epoch + 1))
-        hooks.append(save_hook)
+        hooks.append(epoch_hook)
         state, _ = train.run_stage(
-            stage, state, ctx.model,
-            {v: _Capped(ctx.loaders[v], config.steps_per_epoch) for v in stage.views},
+            stage, state, ctx.model, {v: loaders[v] for v in stage.views},
             prompt_spec=ctx.prompt_spec, label_map=_label_map(progress), hooks=hooks,
-            start_epoch=start_epoch, log_every=config.log_every_steps, put_batch=ctx.put)
+            start_epoch=start_epoch, start_iteration=start_iteration,
+            log_every=config.log_every_steps, put_batch=ctx.put,
+            step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map),
+            step_hook_every=config.checkpoint_every_steps)
+        progress.update(stage=i, epoch=stage.epochs, iteration=0)
     return state
 
 

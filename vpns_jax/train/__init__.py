@@ -3,6 +3,7 @@ from vpns_jax.train.loop import (
     EpochEnd,
     EpochHook,
     StageResult,
+    StepEnd,
     evaluate,
     flm_label_map,
     make_ilm_hook,
@@ -37,7 +38,7 @@ from vpns_jax.train.steps import (
 
 __all__ = [
     'FROZEN', 'PROMPTED_ONLY', 'TWO_PASSES', 'UNPROMPTED', 'EpochEnd', 'EpochHook',
-    'GroupOptimizer', 'Pass', 'Stage', 'StageResult', 'TrainState', 'adam', 'begin_stage',
+    'GroupOptimizer', 'Pass', 'Stage', 'StageResult', 'StepEnd', 'TrainState', 'adam', 'begin_stage',
     'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
     'lr_factors', 'make_eval_step', 'make_ilm_hook', 'resume_position',
     'make_group_optimizer', 'make_optimizer', 'make_source_predictions', 'make_train_step',

@@ -40,6 +40,18 @@ EpochHook = Callable[[EpochEnd], jax.Array | None]
 
 
 @dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """What a step hook sees every `step_hook_every` iterations inside an epoch: `iteration` = how
+    many iterations of `epoch` are done; `state` is valid only during the hook."""
+
+    stage: Stage
+    epoch: int
+    iteration: int
+    state: TrainState
+    label_map: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
 class StageResult:
     """Bookkeeping of one `run_stage` call: epochs and iterations run, optimizer steps
     (iterations x passes: two per iteration for VPNs), wall seconds, last epoch's mean metrics."""
@@ -93,6 +105,8 @@ def run_stage(
     start_iteration: int = 0,
     log_every: int = 50,
     put_batch: Callable[[Batch], Batch] | None = None,
+    step_hook: Callable[[StepEnd], None] | None = None,
+    step_hook_every: int = 0,
 ) -> tuple[TrainState, StageResult]:
     """Run `stage` from (start_epoch, start_iteration) to its last epoch.
 
@@ -102,6 +116,8 @@ def run_stage(
     `start_epoch` are skipped (resume mid-epoch). After each epoch every hook runs in order
     (evaluation, checkpoint, ILM re-mapping).
     put_batch: optional host->device transfer (e.g. to a sharded global array).
+    step_hook: called every `step_hook_every` iterations inside an epoch (not at its last
+    iteration, where the epoch hooks run), e.g. a mid-epoch checkpoint.
     Returns the final state and the stage's bookkeeping.
     """
     missing = [v for v in stage.views if v not in loaders]
@@ -129,6 +145,9 @@ def run_stage(
             history.append(step_metrics)
             iterations += 1
             images += sum(int(np.shape(b['label'])[0]) for b in batches.values())
+            if (step_hook is not None and step_hook_every and (i + 1) % step_hook_every == 0
+                    and (i + 1) != steps_per_epoch):
+                step_hook(StepEnd(stage, epoch, i + 1, state, label_map))
             if log_every and (i + 1) % log_every == 0:
                 last = jax.device_get(step_metrics)
                 now = time.perf_counter()
