@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config, checkpoints (a rerun resumes), results.json, plots.")
 
 
-_LIBRARY_LOGS = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+_LIBRARY_LOGS = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/jax/_src/xla_bridge")
 
 
 class _QuietLibraries(std_logging.Filter):
