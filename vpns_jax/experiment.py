@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -57,31 +58,6 @@ class Context:
 
     def replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, parallel.replicated(self.mesh))
-
-
-class _Capped:
-    """A training loader capped at `steps` batches per epoch (config.steps_per_epoch; 0 = all)."""
-
-    def __init__(self, loader: Any, steps: int):
-        self.loader, self.steps = loader, min(steps, len(loader)) if steps else len(loader)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def epoch(self, epoch: int, start_step: int = 0) -> _CappedEpoch:
-        return _CappedEpoch(self.loader.epoch(epoch, start_step=start_step), self.steps - start_step)
-
-
-class _CappedEpoch:
-    def __init__(self, iterator: Iterator, steps: int):
-        self.iterator, self.steps = iterator, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator:
-        for _, batch in zip(range(self.steps), self.iterator, strict=False):
-            yield batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,7 +149,8 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     shard = {"shard_index": info.process_index, "shard_count": info.process_count}
     loaders = {view: data.train_loader(config.dataset, view=view, input_size=config.input_size,
                                        batch_size=config.batch_size, seed=config.seed,
-                                       data_dir=data_dir, **shard)
+                                       data_dir=data_dir,
+                                       max_steps_per_epoch=config.steps_per_epoch, **shard)
                for view in ("train", "prompt")}
     eval_batch = config.eval_batch_size or config.batch_size
     parallel.global_batch_size_check(eval_batch, mesh)
@@ -260,7 +237,7 @@ def label_map_for(ctx: Context, state: train.TrainState, stage: train.Stage,
                               batch_size=config.eval_batch_size or config.batch_size,
                               data_dir=config.data_dir or None, shard_index=info.process_index,
                               shard_count=info.process_count)
-    batches = _CappedEpoch(iter(loader), min(config.steps_per_epoch or len(loader), len(loader)))
+    batches = itertools.islice(loader, config.steps_per_epoch or None)
     return train.flm_label_map(predict, state, batches, ctx.num_source, ctx.num_target, ctx.put)
 
 
@@ -334,8 +311,7 @@ def _run_stages(ctx: Context, name: str, stages: list[train.Stage], state: train
     """Run the stages from the position in `progress`, checkpointing after every epoch (and every
     `config.checkpoint_every_steps` iterations). `progress` is updated in place and saved as meta."""
     config = ctx.config
-    loaders = {v: _Capped(ctx.loaders[v], config.steps_per_epoch) for v in ("train", "prompt")}
-    steps = len(loaders["train"])
+    steps = len(ctx.loaders["train"])
     offsets = np.cumsum([0] + [s.epochs * steps for s in stages])  # checkpoint number = iteration
     for i, stage in enumerate(stages):
         if i < progress["stage"] or (i == progress["stage"] and progress["epoch"] >= stage.epochs):
@@ -369,7 +345,7 @@ def _run_stages(ctx: Context, name: str, stages: list[train.Stage], state: train
                                                    epoch=end.epoch + 1))
         hooks.append(epoch_hook)
         state, _ = train.run_stage(
-            stage, state, ctx.model, {v: loaders[v] for v in stage.views},
+            stage, state, ctx.model, {v: ctx.loaders[v] for v in stage.views},
             prompt_spec=ctx.prompt_spec, label_map=_label_map(progress), hooks=hooks,
             start_epoch=start_epoch, start_iteration=start_iteration,
             log_every=config.log_every_steps, put_batch=ctx.put,
@@ -407,7 +383,7 @@ def _finish(ctx: Context, method: str, sparsity_level: float, stages: list[train
                            "prompt": dataclasses.asdict(ctx.prompt_spec), "has_prompt": uses_prompt})
     with_prompt, without = accuracy["with_prompt"], accuracy["without_prompt"]
     chosen = with_prompt if (config.prompt.at_test and with_prompt is not None) else without
-    steps_per_epoch = min(len(ctx.loaders["train"]), config.steps_per_epoch or len(ctx.loaders["train"]))
+    steps_per_epoch = len(ctx.loaders["train"])
     return report.run_record(
         method=method, arch=ctx.arch, dataset=config.dataset, seed=config.seed,
         sparsity=sparsity_level, actual_sparsity=summary["total"]["sparsity"], accuracy=chosen,

@@ -18,14 +18,6 @@ from vpns_jax import data, methods, models, parallel, train
 from vpns_jax import weights as weights_lib
 
 
-class _Capped:
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps = loader, min(steps, len(loader)) if steps else len(loader)
-
-    def __call__(self, epoch: int):
-        return [b for _, b in zip(range(self.steps), self.loader.epoch(epoch), strict=False)]
-
-
 def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None = None) -> dict:
     """Train `config.arch` (with `config.model` options) on `config.proxy.dataset` from scratch.
 
@@ -44,7 +36,8 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
     info = parallel.process_info()
     loader = data.train_loader(p.dataset, view="train", input_size=config.input_size,
                                batch_size=p.batch_size, seed=config.seed, data_dir=data_dir,
-                               shard_index=info.process_index, shard_count=info.process_count)
+                               shard_index=info.process_index, shard_count=info.process_count,
+                               max_steps_per_epoch=p.steps_per_epoch)
     (stage,) = methods.stages("dense", {"epochs": p.epochs, "weight_lr": p.lr})
     state = train.create_state(variables, rng=rng)
     state = jax.device_put(train.begin_stage(stage, state), parallel.replicated(mesh))
@@ -52,7 +45,7 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
                  config.model.width, p.dataset, p.epochs)
     started = time.perf_counter()
     state, result = train.run_stage(
-        stage, state, model, {"train": _Capped(loader, p.steps_per_epoch)},
+        stage, state, model, {"train": loader},
         log_every=config.log_every_steps, put_batch=lambda b: parallel.host_to_global(b, mesh))
     source = {"proxy": p.dataset, "epochs": p.epochs, "steps": result.iterations,
               "train_loss": result.metrics.get("pass0/loss"),

@@ -306,6 +306,7 @@ class TrainLoader:
         shard_index: int,
         shard_count: int,
         options: _Options,
+        max_steps_per_epoch: int = 0,
     ):
         self.name, self.view, self.seed = name, view, int(seed)
         self.input_size = transforms.check_input_size(input_size)
@@ -316,6 +317,10 @@ class TrainLoader:
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_examples = len(records)
         self.steps_per_epoch = self.num_examples // self.batch_size
+        if max_steps_per_epoch < 0:
+            raise DataError(f"max_steps_per_epoch must be >= 0 (0 = whole split), got {max_steps_per_epoch}")
+        if max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, max_steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"{name}: the training split has {self.num_examples} examples, "
@@ -333,6 +338,7 @@ class TrainLoader:
             "input_size": self.input_size,
             "batch_size": self.batch_size, "shard_index": self.shard_index,
             "shard_count": self.shard_count, "num_examples": self.num_examples,
+            "steps_per_epoch": self.steps_per_epoch,
         }  # fmt: skip
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -460,12 +466,14 @@ def train_loader(
     worker_count: int = 0,
     prefetch: int = 2,
     num_threads: int = 2,
+    max_steps_per_epoch: int = 0,
 ) -> TrainLoader:
     """Loader over ``name``'s training split for ``view`` 'train' (augmented) or 'prompt' (resize
     only).
 
     batch_size is global (per process: batch_size // shard_count); the remainder of each epoch is
-    dropped. DataError for an unknown dataset or view, an unprepared dataset, a non-positive input
+    dropped; ``max_steps_per_epoch`` > 0 caps an epoch at that many batches (quick runs). DataError
+    for an unknown dataset or view, an unprepared dataset, a non-positive input
     size or a batch size that does not divide among the processes.
     """
     if view not in VIEW_STREAMS:
@@ -478,6 +486,7 @@ def train_loader(
         name, records, view=view, input_size=input_size, batch_size=batch_size, seed=seed,
         shard_index=shard_index, shard_count=shard_count,
         options=_options(worker_count, prefetch, num_threads),
+        max_steps_per_epoch=max_steps_per_epoch,
     )  # fmt: skip
 
 
