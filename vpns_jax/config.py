@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections as mlc
 
 from vpns_jax.errors import ConfigError
+from vpns_jax.methods import vpns as vpns_method
 
 METHODS = ("dense", "hydra", "vpns")
 PROMPT_METHODS = ("pad", "fix", "random")
@@ -23,7 +24,6 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "multistep", "constant")
 THRESHOLD_SCOPES = ("global", "layer")
 MODES = ("train", "eval")
-PROMPT_STAGES = ("both", "mask_finding", "tuning", "none")
 # Sizes the released code accepts (reference §1.1); others are allowed with a warning-free check of
 # consistency only, because CPU-scale runs use small inputs.
 REFERENCE_INPUT_SIZES = (224, 192, 160, 128, 96, 64, 32)
@@ -83,7 +83,7 @@ def default_config() -> mlc.ConfigDict:
         "output_size": 224,
         "pad_size": 16,
         "mask_size": 115,
-        "stages": "both",  # both | mask_finding | tuning | none
+        "stages": "both",  # both | mask_finding | tuning
         "at_test": False,  # released code evaluates without the prompt
     })
     c.mask_finding = _stage(30, "adam", 1e-4, 1e-4)
@@ -241,7 +241,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _one_of(config, "label_mapping", LABEL_MAPPINGS)
     _one_of(config, "passes", PASSES)
     _one_of(config, "prompt.method", PROMPT_METHODS)
-    _one_of(config, "prompt.stages", PROMPT_STAGES)
+    _one_of(config, "prompt.stages", vpns_method.PROMPT_IN)
     _positive_int(config, "prompt.output_size")
     _positive_int(config, "prompt.pad_size", allow_zero=True)
     _positive_int(config, "prompt.mask_size")
