@@ -285,6 +285,16 @@ class _Options:
     num_threads: int = 2
 
 
+def _check_geometry(input_size: int, batch_size: int, shard_index: int,
+                    shard_count: int) -> tuple[int, int, int]:
+    """(input size, global batch, per-process batch) after checking them and the shard index."""
+    if not 0 <= shard_index < shard_count:
+        raise DataError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    batch_size = int(batch_size)
+    return (transforms.check_input_size(input_size), batch_size,
+            local_batch_size(batch_size, shard_count))
+
+
 class TrainLoader:
     """Training-split batches for the 'train' (augmented) or 'prompt' (resize only) view.
 
@@ -309,11 +319,8 @@ class TrainLoader:
         max_steps_per_epoch: int = 0,
     ):
         self.name, self.view, self.seed = name, view, int(seed)
-        self.input_size = transforms.check_input_size(input_size)
-        self.batch_size = int(batch_size)
-        self.local_batch_size = local_batch_size(self.batch_size, shard_count)
-        if not 0 <= shard_index < shard_count:
-            raise DataError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+        self.input_size, self.batch_size, self.local_batch_size = _check_geometry(
+            input_size, batch_size, shard_index, shard_count)
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_examples = len(records)
         self.steps_per_epoch = self.num_examples // self.batch_size
@@ -405,11 +412,8 @@ class EvalLoader:
         augment_seed: int | None = None,
     ):
         self.name, self.split, self.augment_seed = name, split, augment_seed
-        self.input_size = transforms.check_input_size(input_size)
-        self.batch_size = int(batch_size)
-        self.local_batch_size = local_batch_size(self.batch_size, shard_count)
-        if not 0 <= shard_index < shard_count:
-            raise DataError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+        self.input_size, self.batch_size, self.local_batch_size = _check_geometry(
+            input_size, batch_size, shard_index, shard_count)
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_examples = len(records)
         self.steps = math.ceil(self.num_examples / self.batch_size)
