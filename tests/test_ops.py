@@ -33,7 +33,7 @@ def _ops(x, w, s, p, impl):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["im2col", "auto"])
+@pytest.mark.parametrize("impl", ["im2col", "rows", "rows_dw", "auto"])
 def test_matches_lax_values_and_grads(case, impl):
     h, cin, cout, k, s, p = case
     rng = np.random.default_rng(0)
@@ -51,8 +51,8 @@ def test_matches_lax_values_and_grads(case, impl):
 
 
 def test_choose_impl_rules():
-    assert ops.choose_impl(56 * 56, (3, 3), (1, 1), 64) == "xla"
-    assert ops.choose_impl(112 * 112, (7, 7), (2, 2), 3) == "xla"
+    assert ops.choose_impl(56 * 56, (3, 3), (1, 1), 64) == "rows"
+    assert ops.choose_impl(112 * 112, (7, 7), (2, 2), 3) == "rows"
     assert ops.choose_impl(28 * 28, (3, 3), (2, 2), 64) == "im2col"
     assert ops.choose_impl(2 * 2, (3, 3), (1, 1), 256) == "im2col"
     assert ops.choose_impl(56 * 56, (1, 1), (1, 1), 64) == "im2col"
@@ -75,3 +75,49 @@ def test_flax_conv_drop_in_and_fallbacks():
     with pytest.raises(ValueError, match="impl"):
         ops.conv_general_dilated(x, jnp.ones((1, 1, 4, 4)), (1, 1), "VALID",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), impl="fast")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_rows_chunks_cover_the_batch(batch, monkeypatch):
+    """Chunks of 1 and of several images (ROWS_CHUNK_BYTES) give the same values and gradients."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(batch, 10, 10, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(batch, 10, 10, 5)), jnp.float32)
+    want = jax.grad(lambda x, w: jnp.sum(_lax(x, w, 1, 1) * g), (0, 1))(x, w)
+    for budget in (1, 10 * 12 * 3 * 4 * 4 * 2, 1 << 30):  # one image, two images, whole batch
+        monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", budget)
+        got = jax.grad(lambda x, w: jnp.sum(_ops(x, w, 1, 1, "rows") * g), (0, 1))(x, w)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", 4 << 20)
+    assert [ops._chunk_size(8, n) for n in (1 << 30, 3 << 20, 1 << 20, 1)] == [1, 1, 4, 8]
+    assert ops._chunk_size(6, 1 << 20) == 3  # the largest divisor of the batch that fits
+
+
+def _torch_max_pool(x, g, window, stride, pad):
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, window, stride, pad)
+    yt.backward(torch.tensor(np.asarray(g).transpose(0, 3, 1, 2)))
+    return yt.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("window,stride,pad", [(3, 2, 1), (2, 2, 0)])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_max_pool_matches_torch_including_ties(window, stride, pad, impl):
+    """Values and gradients equal torch's max_pool2d; after a ReLU most windows tie at 0, and the
+    gradient must go to the first maximum in row-major order, as torch's CPU kernel does."""
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.integers(-2, 3, size=(2, 9, 9, 3)), 0).astype(np.float32)
+    ho = (9 + 2 * pad - window) // stride + 1
+    g = rng.normal(size=(2, ho, ho, 3)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x: ops.max_pool(x, (window,) * 2, (stride,) * 2, ((pad, pad),) * 2,
+                                            impl=impl), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    want_y, want_dx = _torch_max_pool(x, g, window, stride, pad)
+    np.testing.assert_array_equal(np.asarray(y), want_y)
+    if impl == "auto":  # lax's reduce_window gradient picks among ties differently
+        np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_allclose(np.asarray(dx).sum(), want_dx.sum(), rtol=1e-5)

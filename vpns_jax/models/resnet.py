@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpns_jax import ops
 from vpns_jax.models.layers import BatchNorm, conv, linear_init, scaled, uniform_init
 
 Dtype = Any
@@ -92,7 +93,7 @@ class ResNet(nn.Module):
             x = conv(stem, 7, 2, name="conv1", dtype=self.dtype, impl=self.conv_impl)(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         if not self.small_input:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self.conv_impl)
         for i, blocks in enumerate(self.stage_sizes):
             planes = scaled(64 * 2**i, self.width)
             for j in range(blocks):

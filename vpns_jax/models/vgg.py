@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpns_jax import ops
 from vpns_jax.models.layers import BatchNorm, adaptive_avg_pool, conv, normal_init, scaled
 
 Dtype = Any
@@ -46,7 +47,7 @@ class VGG(nn.Module):
         idx = 0
         for v in self.cfg:
             if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = ops.max_pool(x, (2, 2), (2, 2), impl=self.conv_impl)
                 idx += 1
                 continue
             x = conv(scaled(int(v), self.width), 3, name=f"features_{idx}", dtype=self.dtype,
