@@ -32,7 +32,7 @@ from jax import lax
 
 # Output maps at least this large (Ho*Wo) take the 'rows' lowering for stride-1 k>1 layers.
 ROWS_MIN_OUTPUT_PIXELS = 28 * 28
-IMPLS = ("auto", "xla", "im2col", "rows", "rows_dw")
+IMPLS = ("auto", "xla", "im2col", "rows")
 # Bytes of row patches one chunk of the batch may hold in the 'rows' lowering: small enough to stay
 # in cache between building the patches and the matmuls that read them (tuned on a 32 MiB L3).
 ROWS_CHUNK_BYTES = 4 << 20
@@ -167,23 +167,20 @@ def _lax_pad(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
     return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def rows_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
-              precision: Any = None, preferred_element_type: Any = None,
-              lax_forward: bool = False) -> jax.Array:
+              precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """NHWC x HWIO convolution as kh matmuls per batch chunk over width patches, with a matmul VJP.
 
     x: [B, H, W, Cin]; w: [kh, kw, Cin, Cout]; strides (sh, sw); pads ((lo, hi), (lo, hi)).
     Returns [B, Ho, Wo, Cout]. For large maps, where a full patch matrix would not fit in cache:
     each chunk of the batch (about ROWS_CHUNK_BYTES of patches) builds its kw shifted views side by
     side once, [n, Hp, Wo, kw*Cin], and kernel row i is a (strided) row slice of it, so the
-    convolution is kh matmuls over cache-resident data. The weight gradient is the same patches
-    contracted with dy (one pass over the batch); the input gradient of a stride-1 convolution is
-    the same lowering applied to dy with the flipped kernel, of a strided one lax's transpose.
-    lax_forward: compute the forward and the input gradient with lax (XLA's convolution) and only
-    the weight gradient with row patches (the best split for some layers, see `choose_impl`).
+    convolution is kh matmuls over cache-resident data. The weight gradient contracts the same
+    patches with dy in one pass over the batch (a separate loop, so that XLA drops the input
+    gradient where nothing needs it); the input gradient is the transpose of the forward lowering.
     """
-    return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type, lax_forward)[0]
+    return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type)[0]
 
 
 def _rows_out_size(x: jax.Array, w: jax.Array, strides: tuple[int, int],
@@ -193,32 +190,22 @@ def _rows_out_size(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     return ho, wo
 
 
-def _lax_conv(x, w, strides, pads, precision, preferred_element_type=None):
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision, preferred_element_type=preferred_element_type)
-
-
-def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type, lax_forward):
-    if lax_forward:
-        return _lax_conv(x, w, strides, pads, precision, preferred_element_type), (x, w)
+def _rows_apply(x, w, strides, pads, precision, preferred_element_type):
     ho, wo = _rows_out_size(x, w, strides, pads)
-    y = _rows_forward(_lax_pad(x, pads), w, strides, ho, wo, precision, preferred_element_type)
-    return y, (x, w)
+    return _rows_forward(_lax_pad(x, pads), w, strides, ho, wo, precision, preferred_element_type)
 
 
-def _rows_conv_bwd(strides, pads, precision, preferred_element_type, lax_forward, residuals, dy):
+def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
+    return _rows_apply(x, w, strides, pads, precision, preferred_element_type), (x, w)
+
+
+def _rows_conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
     x, w = residuals
-    kh, kw = w.shape[:2]
-    dw = _rows_weight_grad(_lax_pad(x, pads), dy, (kh, kw), strides, precision).astype(w.dtype)
-    if strides == (1, 1) and not lax_forward:
-        # dx = dy (padded by k-1-lo, k-1-hi) correlated with the flipped, in/out-swapped kernel.
-        w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-        dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-        dx = _rows_forward(_lax_pad(dy, dpads), w_t, (1, 1), x.shape[1], x.shape[2], precision, None)
-    else:
-        _, transpose = jax.vjp(lambda lhs: _lax_conv(lhs, w, strides, pads, precision), x)
-        dx, = transpose(dy)
-    return dx.astype(x.dtype), dw
+    dw = _rows_weight_grad(_lax_pad(x, pads), dy, w.shape[:2], strides, precision).astype(w.dtype)
+    # Linear in x: the transpose of the lowering needs only w (no patches are kept from the forward).
+    _, transpose = jax.vjp(lambda lhs: _rows_apply(lhs, w, strides, pads, precision, None), x)
+    (dx,) = transpose(dy.astype(x.dtype))
+    return dx, dw
 
 
 rows_conv.defvjp(_rows_conv_fwd, _rows_conv_bwd)
@@ -267,9 +254,8 @@ def conv_general_dilated(
     route = choose_impl(ho * wo, (kh, kw), strides, lhs.shape[3]) if impl == "auto" else impl
     if route == "xla":
         return lax_call()
-    if route in ("rows", "rows_dw"):
-        return rows_conv(lhs, rhs, strides, tuple(pads), precision, preferred_element_type,
-                         route == "rows_dw")
+    if route == "rows":
+        return rows_conv(lhs, rhs, strides, tuple(pads), precision, preferred_element_type)
     return im2col_conv(lhs, rhs, strides, pads, precision=precision,
                        preferred_element_type=preferred_element_type)
 
