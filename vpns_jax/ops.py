@@ -149,17 +149,26 @@ def _rows_weight_grad(xp: jax.Array, dy: jax.Array, kernel: tuple[int, int],
     c = xp.shape[-1]
     chunk = _chunk_size(b, xp.shape[1] * wo * kw * c * xp.dtype.itemsize)
 
+    # XLA's CPU GEMM is faster with the narrower operand first: dy^T @ patches ([O, kw*C] per
+    # kernel row) when O <= kw*C (3x3 layers), patches^T @ dy ([kw*C, O]) otherwise (the RGB stem).
+    dy_first = o <= kw * c
+
     def accumulate(acc: jax.Array, chunk_data: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         xc, dc = chunk_data
         q = _width_patches(xc, kw, strides[1], wo)
         d = dc.reshape(-1, o)
-        rows = [lax.dot_general(_row_view(q, i, strides[0], ho), d, (((0,), (0,)), ((), ())),
-                                precision=precision, preferred_element_type=jnp.float32)
-                for i in range(kh)]
+        rows = []
+        for i in range(kh):
+            lhs, rhs = (d, _row_view(q, i, strides[0], ho))[::1 if dy_first else -1]
+            rows.append(lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32))
         return acc + jnp.stack(rows), None
 
     chunks = (xp.reshape(b // chunk, chunk, *xp.shape[1:]), dy.reshape(b // chunk, chunk, ho, wo, o))
-    acc, _ = lax.scan(accumulate, jnp.zeros((kh, kw * c, o), jnp.float32), chunks)
+    shape = (kh, o, kw * c) if dy_first else (kh, kw * c, o)
+    acc, _ = lax.scan(accumulate, jnp.zeros(shape, jnp.float32), chunks)
+    if dy_first:
+        return acc.reshape(kh, o, kw, c).transpose(0, 2, 3, 1)
     return acc.reshape(kh, kw, c, o)
 
 
