@@ -1,22 +1,26 @@
-"""Faster CPU convolution: a drop-in for ``lax.conv_general_dilated`` that lowers to a matmul.
+"""Faster CPU lowerings of convolution and max-pooling (drop-ins for lax / flax).
 
-XLA's CPU convolution (Eigen spatial convolution, jaxlib 0.10) is slow on three kinds of ResNet
-layers, measured here on a 2-core AVX2 EPYC (see ``BENCHMARKS.md``, "Model step"):
+XLA's CPU convolution (jaxlib 0.10) is slow on most ResNet layers, measured on a 2-core AVX2 EPYC
+(see ``BENCHMARKS.md``, "Model step"): small padded maps (4x4..1x1 at 32 px input: 10-70x slower
+than the same arithmetic as one matmul), strided and 1x1 convolutions, and weight gradients in
+general (10-60 GFLOP/s where XLA's GEMM runs at 150-180). :func:`conv_general_dilated` picks a
+lowering per layer from static shapes (:func:`choose_impl`):
 
-- small spatial maps with a padded 3x3 kernel (4x4, 2x2, 1x1 outputs at 32 px input): 10-70x slower
-  than the same arithmetic as one matmul, in forward and input-gradient alike;
-- strided 3x3 and 1x1 (downsample) convolutions, whose weight gradient runs at 10-30 GFLOP/s;
-- weight gradients in general (2-3x the forward time).
+- ``'im2col'`` (small maps, strided and 1x1 layers): the k*k shifted views gathered into one
+  ``[B*Ho*Wo, k*k*Cin]`` patch matrix and one ``dot``; autodiff gives two more dots.
+- ``'rows'`` (large maps: 56x56, 28x28 and the RGB stem at 224 px): a full patch matrix would not
+  fit in cache (memory-bound on 2 cores), so :func:`rows_conv` builds only the kw horizontally
+  shifted views, per chunk of the batch, and runs kh matmuls over row slices of them; its custom
+  VJP computes the weight gradient from the same patches and the input gradient as the transpose of
+  the lowering.
+- ``'xla'``: ``lax.conv_general_dilated`` unchanged (the GPU/TPU default).
 
-Large stride-1 maps (56x56, 28x28 at 224 px) are fine in XLA and bad as im2col (the patch matrix is
-memory-bound on 2 cores), so :func:`conv_general_dilated` picks per layer, from static shapes:
-``'xla'`` keeps ``lax.conv_general_dilated``; ``'im2col'`` gathers the k*k shifted views into one
-``[B*Ho*Wo, k*k*Cin]`` patch matrix and calls one ``dot`` (1x1: a strided slice and a dot). Autodiff
-of the im2col form is two more dots plus the transpose of the slicing, i.e. matmul speed.
+:func:`max_pool` replaces JAX's max-pool gradient (on CPU a variadic reduce-window over value/index
+pairs plus a scatter) by a masked, stride-spread sum with torch's tie rule.
 
-Use it with Flax: ``nn.Conv(..., conv_general_dilated=vpns_jax.ops.conv_general_dilated)``. It only
-takes the im2col route for 2-D NHWC/HWIO convolutions without dilation or groups; anything else goes
-to ``lax.conv_general_dilated`` unchanged.
+Use with Flax: ``nn.Conv(..., conv_general_dilated=vpns_jax.ops.conv_general_dilated)``. Only 2-D
+NHWC/HWIO convolutions without dilation or groups are lowered; anything else goes to lax unchanged.
+All lowerings are tested equal to lax (values and gradients) in ``tests/test_ops.py``.
 """
 
 from __future__ import annotations
@@ -188,6 +192,7 @@ def rows_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[
     convolution is kh matmuls over cache-resident data. The weight gradient contracts the same
     patches with dy in one pass over the batch (a separate loop, so that XLA drops the input
     gradient where nothing needs it); the input gradient is the transpose of the forward lowering.
+    With at most 4 input channels (an RGB stem) the forward itself is lax's convolution.
     """
     return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type)[0]
 
@@ -205,6 +210,10 @@ def _rows_apply(x, w, strides, pads, precision, preferred_element_type):
 
 
 def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
+    if x.shape[-1] <= 4:  # the RGB stem: XLA's forward is faster than width patches 3 channels wide
+        y = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=precision, preferred_element_type=preferred_element_type)
+        return y, (x, w)
     return _rows_apply(x, w, strides, pads, precision, preferred_element_type), (x, w)
 
 
