@@ -326,6 +326,23 @@ def device_name() -> str:
     return f"{dev.platform}: {dev.device_kind}"
 
 
+def malloc_name() -> str:
+    """The C allocator this process runs on: 'jemalloc', 'tcmalloc' (LD_PRELOAD) or 'glibc'.
+
+    It matters on CPU: XLA allocates its temporaries per execution, and glibc returns large blocks
+    to the OS, so every step page-faults them in again (see BENCHMARKS.md).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("jemalloc", "tcmalloc"):
+        if name in maps:
+            return name
+    return "glibc"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table and the JSON line; returns the JSON record."""
     args = parse_args(argv)
@@ -350,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     impls = [k for k in ("jax", "torch", "torch_compile") if k in med]
     rows = [name for name in (*STEPS, "threshold") if any(name in med[k] for k in impls)]
     print(f"{args.arch} {args.size}px batch {args.batch} {args.dtype} "
-          f"conv_impl={results['jax']['conv_impl']}, density {args.density}, "
+          f"conv_impl={results['jax']['conv_impl']}, malloc={malloc_name()}, density {args.density}, "
           f"median of {args.repeats} after {args.warmup} warm-up; ms (images/s)")
     print(f"{'step':<14}" + "".join(f"{k:>24}" for k in impls))
     for name in rows:
@@ -387,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compilation_cache": cache,
         "peak_device_bytes": results["jax"]["peak_bytes"],
         "jax": jax.__version__,
+        "malloc": malloc_name(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_s": {s: round(statistics.median(c), 4) for s, c in results["jax"]["cpu"].items()},
