@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpns_jax import cpu_malloc
+
 STEPS = ("dense", "mask_finding", "tuning", "eval")
 
 
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt border (default min(16, size/2))")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="JAX model computation dtype (params stay float32)")
-    p.add_argument("--conv-impl", default=None, choices=("auto", "im2col", "xla"),
+    p.add_argument("--conv-impl", default=None, choices=("auto", "xla", "im2col", "rows"),
                    help="models.create(conv_impl=...) (vpns_jax.ops lowering); default: the "
                         "models' backend default")
     p.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
@@ -326,23 +328,6 @@ def device_name() -> str:
     return f"{dev.platform}: {dev.device_kind}"
 
 
-def malloc_name() -> str:
-    """The C allocator this process runs on: 'jemalloc', 'tcmalloc' (LD_PRELOAD) or 'glibc'.
-
-    It matters on CPU: XLA allocates its temporaries per execution, and glibc returns large blocks
-    to the OS, so every step page-faults them in again (see BENCHMARKS.md).
-    """
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return "unknown"
-    for name in ("jemalloc", "tcmalloc"):
-        if name in maps:
-            return name
-    return "glibc"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table and the JSON line; returns the JSON record."""
     args = parse_args(argv)
@@ -367,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     impls = [k for k in ("jax", "torch", "torch_compile") if k in med]
     rows = [name for name in (*STEPS, "threshold") if any(name in med[k] for k in impls)]
     print(f"{args.arch} {args.size}px batch {args.batch} {args.dtype} "
-          f"conv_impl={results['jax']['conv_impl']}, malloc={malloc_name()}, density {args.density}, "
+          f"conv_impl={results['jax']['conv_impl']}, malloc={cpu_malloc.malloc_name()}, "
+          f"density {args.density}, "
           f"median of {args.repeats} after {args.warmup} warm-up; ms (images/s)")
     print(f"{'step':<14}" + "".join(f"{k:>24}" for k in impls))
     for name in rows:
@@ -404,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compilation_cache": cache,
         "peak_device_bytes": results["jax"]["peak_bytes"],
         "jax": jax.__version__,
-        "malloc": malloc_name(),
+        "malloc": cpu_malloc.malloc_name(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_s": {s: round(statistics.median(c), 4) for s, c in results["jax"]["cpu"].items()},

@@ -49,6 +49,12 @@ def setup_platform(compilation_cache: str, distributed: bool) -> None:
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
+    if jax.devices()[0].platform == "cpu":
+        from vpns_jax import cpu_malloc
+
+        hint = cpu_malloc.slow_malloc_hint()
+        if hint:
+            logging.info(hint)
 
 
 def main(argv: list[str]) -> None:

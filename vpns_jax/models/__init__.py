@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpns_jax import ops
 from vpns_jax.models.resnet import resnet18, resnet34, resnet50
 from vpns_jax.models.vgg import vgg16, vgg16_bn
 
@@ -22,7 +23,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 
 
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ops.IMPLS  # ("auto", "xla", "im2col", "rows")
 
 
 def default_conv_impl() -> str:
@@ -36,7 +37,7 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
 
     width: multiplier on every conv/hidden width (rounded, ≥1). small_input: ResNet 3×3/1 stem
     without max-pool (VGG unchanged). dtype: computation dtype (params stay float32).
-    conv_impl: convolution lowering, 'auto' | 'im2col' | 'xla' (`vpns_jax.ops`); None picks
+    conv_impl: convolution lowering, 'auto' | 'xla' | 'im2col' | 'rows' (`vpns_jax.ops`); None picks
     `default_conv_impl()` for the current backend. Parameters and results do not depend on it.
     Call: `model.apply(v, x, train=False)`, or in train mode
     `model.apply(v, x, train=True, mutable=['batch_stats'])`.
