@@ -29,6 +29,8 @@ def test_plain_process_is_glibc_and_gets_a_hint(monkeypatch):
     assert cpu_malloc.slow_malloc_hint() is None
 
 
-def test_fast_malloc_script_sets_the_glibc_tunable():
+def test_fast_malloc_script_sets_up_a_fast_allocator():
     script = str(ROOT / "scripts" / "fast_malloc.sh")
-    assert _probe("bash", script, env=_clean_env()) == "glibc+hugetlb"
+    assert _probe("bash", script, env={**_clean_env(), "VPNS_MALLOC": "glibc"}) == "glibc+hugetlb"
+    # auto: jemalloc where libjemalloc2 is installed, else the glibc tunable.
+    assert _probe("bash", script, env=_clean_env()) in ("jemalloc", "glibc+hugetlb")

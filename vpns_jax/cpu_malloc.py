@@ -33,5 +33,6 @@ def slow_malloc_hint() -> str | None:
     """A one-line hint when running on plain glibc malloc (Linux), else None."""
     if malloc_name() != "glibc":
         return None
-    return ("CPU steps run 5-15% faster with huge pages for XLA's temporaries: prefix the command "
-            "with `bash scripts/fast_malloc.sh` (or set GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
+    return ("CPU steps run 5-15% faster when XLA's temporaries stay in memory: prefix the command "
+            "with `bash scripts/fast_malloc.sh` (jemalloc if installed, else "
+            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
