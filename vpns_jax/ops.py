@@ -72,6 +72,28 @@ def _pads(padding: str | Sequence[tuple[int, int]], lhs: jax.Array, rhs: jax.Arr
     return [(int(lo), int(hi)) for lo, hi in padding]
 
 
+def _out_size(hw: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              pads: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(Ho, Wo) of a window op over an [H, W] map with the given kernel, strides and pads."""
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(hw, kernel, strides, pads, strict=True))
+
+
+def _pad_hw(x: jax.Array, pads: Sequence[tuple[int, int]], value: float = 0.0) -> jax.Array:
+    """Pads the H and W axes of NHWC x by ((lo, hi), (lo, hi)) with `value`."""
+    return lax.pad(x, jnp.array(value, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+
+
+def _window_views(xp: jax.Array, window: Sequence[int], strides: Sequence[int],
+                  out_hw: Sequence[int]) -> list[tuple[int, int, jax.Array]]:
+    """(i, j, view) for every window offset, row-major: view[b, h, w] = xp[b, i + sh*h, j + sw*w]."""
+    b, _, _, c = xp.shape
+    (sh, sw), (ho, wo) = strides, out_hw
+    return [(i, j, lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                             (1, sh, sw, 1)))
+            for i in range(window[0]) for j in range(window[1])]
+
+
 def im2col_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
                 pads: Sequence[tuple[int, int]], *, precision: Any = None,
                 preferred_element_type: Any = None) -> jax.Array:
@@ -82,19 +104,12 @@ def im2col_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
     from fusing the gather into the dot, which would leave the fast matmul path).
     """
     kh, kw, cin, cout = w.shape
-    sh, sw = strides
-    if any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    b = x.shape[0]
+    ho, wo = _out_size(x.shape[1:3], (kh, kw), strides, pads)
     # Materialize the input once: otherwise XLA fuses its producer (BatchNorm, ReLU) into each of
     # the k*k views and recomputes it k*k times.
-    x = lax.optimization_barrier(x)
-    b, h, wd, _ = x.shape
-    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
-    views = [
-        lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                  (1, sh, sw, 1))
-        for i in range(kh) for j in range(kw)
-    ]
+    x = lax.optimization_barrier(_pad_hw(x, pads))
+    views = [v for _, _, v in _window_views(x, (kh, kw), strides, (ho, wo))]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
     patches = lax.optimization_barrier(patches.reshape(b * ho * wo, kh * kw * cin))
     y = lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())),
@@ -177,10 +192,6 @@ def _rows_weight_grad(xp: jax.Array, dy: jax.Array, kernel: tuple[int, int],
     return acc.reshape(kh, kw, c, o)
 
 
-def _lax_pad(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
-    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def rows_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
               precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
@@ -198,16 +209,9 @@ def rows_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[
     return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type)[0]
 
 
-def _rows_out_size(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-                   pads: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    ho = (x.shape[1] + sum(pads[0]) - w.shape[0]) // strides[0] + 1
-    wo = (x.shape[2] + sum(pads[1]) - w.shape[1]) // strides[1] + 1
-    return ho, wo
-
-
 def _rows_apply(x, w, strides, pads, precision, preferred_element_type):
-    ho, wo = _rows_out_size(x, w, strides, pads)
-    return _rows_forward(_lax_pad(x, pads), w, strides, ho, wo, precision, preferred_element_type)
+    ho, wo = _out_size(x.shape[1:3], w.shape[:2], strides, pads)
+    return _rows_forward(_pad_hw(x, pads), w, strides, ho, wo, precision, preferred_element_type)
 
 
 def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
@@ -220,7 +224,7 @@ def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
 
 def _rows_conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
     x, w = residuals
-    dw = _rows_weight_grad(_lax_pad(x, pads), dy, w.shape[:2], strides, precision).astype(w.dtype)
+    dw = _rows_weight_grad(_pad_hw(x, pads), dy, w.shape[:2], strides, precision).astype(w.dtype)
     # Linear in x: the transpose of the lowering needs only w (no patches are kept from the forward).
     _, transpose = jax.vjp(lambda lhs: _rows_apply(lhs, w, strides, pads, precision, None), x)
     (dx,) = transpose(dy.astype(x.dtype))
@@ -267,10 +271,9 @@ def conv_general_dilated(
         return lax_call()
     strides = tuple(int(s) for s in window_strides)
     pads = _pads(padding, lhs, rhs, strides)
-    kh, kw = rhs.shape[:2]
-    ho = (lhs.shape[1] + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
-    wo = (lhs.shape[2] + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
-    route = choose_impl(ho * wo, (kh, kw), strides, lhs.shape[3]) if impl == "auto" else impl
+    kernel = tuple(rhs.shape[:2])
+    ho, wo = _out_size(lhs.shape[1:3], kernel, strides, pads)
+    route = choose_impl(ho * wo, kernel, strides, lhs.shape[3]) if impl == "auto" else impl
     if route == "xla":
         return lax_call()
     if route == "rows":
@@ -279,22 +282,8 @@ def conv_general_dilated(
                        preferred_element_type=preferred_element_type)
 
 
-def _pool_views(xp: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                out_hw: tuple[int, int]) -> list[tuple[int, int, jax.Array]]:
-    """(i, j, view) for every window offset, row-major: view[b, h, w] = xp[b, i + sh*h, j + sw*w]."""
-    b, _, _, c = xp.shape
-    (sh, sw), (ho, wo) = strides, out_hw
-    return [(i, j, lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                             (1, sh, sw, 1)))
-            for i in range(window[0]) for j in range(window[1])]
-
-
 def _pool_geometry(x, window, strides, padding):
-    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype),
-                 ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    ho = (xp.shape[1] - window[0]) // strides[0] + 1
-    wo = (xp.shape[2] - window[1]) // strides[1] + 1
-    return xp, (ho, wo)
+    return _pad_hw(x, padding, -jnp.inf), _out_size(x.shape[1:3], window, strides, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -305,7 +294,7 @@ def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
 
 def _max_pool_fwd(x, window, strides, padding):
     xp, out_hw = _pool_geometry(x, window, strides, padding)
-    views = _pool_views(xp, window, strides, out_hw)
+    views = _window_views(xp, window, strides, out_hw)
     y = views[0][2]
     for _, _, v in views[1:]:
         y = jnp.maximum(y, v)
@@ -319,7 +308,7 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros(xp.shape, dy.dtype)
     zero = jnp.zeros((), dy.dtype)
-    for i, j, v in _pool_views(xp, window, strides, out_hw):
+    for i, j, v in _window_views(xp, window, strides, out_hw):
         hit = (v == y) & ~taken  # the first maximum in row-major window order takes the gradient
         taken = taken | hit
         # Place this offset's share back on the input grid: interior padding spreads it by the stride.
