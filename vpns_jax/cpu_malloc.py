@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-FAST_SETUPS = ("jemalloc", "tcmalloc", "glibc+hugetlb")
-
 
 def malloc_name() -> str:
     """'jemalloc', 'tcmalloc' (preloaded), 'glibc+hugetlb' (the tunable), 'glibc' or 'unknown'."""

@@ -179,7 +179,8 @@ def _rows_weight_grad(xp: jax.Array, dy: jax.Array, kernel: tuple[int, int],
         d = dc.reshape(-1, o)
         rows = []
         for i in range(kh):
-            lhs, rhs = (d, _row_view(q, i, strides[0], ho))[::1 if dy_first else -1]
+            view = _row_view(q, i, strides[0], ho)
+            lhs, rhs = (d, view) if dy_first else (view, d)
             rows.append(lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32))
         return acc + jnp.stack(rows), None
