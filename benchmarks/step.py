@@ -331,6 +331,7 @@ def device_name() -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table and the JSON line; returns the JSON record."""
     args = parse_args(argv)
+    cpu_malloc.keep_freed_memory()  # as vpns_jax.main does; VPNS_MALLOC=system to compare without
     cache = enable_compilation_cache(args.compilation_cache)
     if args.threads:
         import torch

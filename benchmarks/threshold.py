@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vpns_jax import models, sparsity
+from vpns_jax import cpu_malloc, models, sparsity
 
 
 def kernel_shapes(arch: str) -> list[tuple[int, ...]]:
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="skip sort and top_k (tens of seconds)")
     parser.add_argument("--iteration", action="store_true", help="also time a ResNet-50 iteration")
     args = parser.parse_args()
+    cpu_malloc.keep_freed_memory()  # as vpns_jax.main does
 
     results = {"device": str(jax.devices()[0]), "density": args.density, "models": {}}
     print(f"device {results['device']}, density {args.density} (k = floor((1-d)·N)), median ms")

@@ -18,5 +18,5 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .
-exec bash scripts/fast_malloc.sh "$VENV/bin/python" -m vpns_jax.main --config configs/quickstart.py \
+exec "$VENV/bin/python" -m vpns_jax.main --config configs/quickstart.py \
   --workdir "${WORKDIR:-workdirs/quickstart}" "$@"

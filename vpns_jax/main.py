@@ -34,7 +34,10 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def setup_platform(compilation_cache: str, distributed: bool) -> None:
-    """Persistent compilation cache and (multi-host) distributed initialisation."""
+    """CPU malloc settings, persistent compilation cache, (multi-host) distributed initialisation."""
+    from vpns_jax import cpu_malloc
+
+    cpu_malloc.keep_freed_memory()  # before the backend starts its threads
     import jax
 
     if compilation_cache != "off":
@@ -50,11 +53,7 @@ def setup_platform(compilation_cache: str, distributed: bool) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
     if jax.devices()[0].platform == "cpu":
-        from vpns_jax import cpu_malloc
-
-        hint = cpu_malloc.slow_malloc_hint()
-        if hint:
-            logging.info(hint)
+        logging.info("CPU allocator: %s", cpu_malloc.malloc_name())
 
 
 def main(argv: list[str]) -> None:
