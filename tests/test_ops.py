@@ -50,6 +50,38 @@ def test_matches_lax_values_and_grads(case, impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[6]])
+@pytest.mark.parametrize("forward", ["lax", "matmul"])
+@pytest.mark.parametrize("input_grad", ["lax", "matmul"])
+def test_rows_plans_match_lax(case, forward, input_grad):
+    """Every (forward, input gradient) lowering of rows_conv, forced, equals lax."""
+    h, cin, cout, k, s, p = case
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=_lax(x, w, s, p).shape), jnp.float32)
+
+    def rows(x, w):
+        return ops.rows_conv(x, w, (s, s), ((p, p), (p, p)), lax.Precision.HIGHEST, None,
+                             forward, input_grad)
+
+    np.testing.assert_allclose(rows(x, w), _lax(x, w, s, p), rtol=1e-5, atol=1e-5)
+    want = jax.grad(lambda x, w: jnp.sum(_lax(x, w, s, p) * g), (0, 1))(x, w)
+    got = jax.grad(lambda x, w: jnp.sum(rows(x, w) * g), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_plan_rules():
+    assert ops.rows_plan(56 * 56, 64) == ("matmul", "matmul")
+    assert ops.rows_plan(112 * 112, 64) == ("matmul", "matmul")
+    assert ops.rows_plan(28 * 28, 128) == ("lax", "lax")
+    assert ops.rows_plan(112 * 112, 3) == ("lax", "matmul")  # the RGB stem
+    with pytest.raises(ValueError, match="forward"):
+        ops.rows_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), ((1, 1), (1, 1)),
+                      None, None, "fast", "auto")
+
+
 def test_choose_impl_rules():
     assert ops.choose_impl(56 * 56, (3, 3), (1, 1), 64) == "rows"
     assert ops.choose_impl(112 * 112, (7, 7), (2, 2), 3) == "rows"
@@ -87,7 +119,9 @@ def test_rows_chunks_cover_the_batch(batch, monkeypatch):
     want = jax.grad(lambda x, w: jnp.sum(_lax(x, w, 1, 1) * g), (0, 1))(x, w)
     for budget in (1, 10 * 12 * 3 * 4 * 4 * 2, 1 << 30):  # one image, two images, whole batch
         monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", budget)
-        got = jax.grad(lambda x, w: jnp.sum(_ops(x, w, 1, 1, "rows") * g), (0, 1))(x, w)
+        got = jax.grad(lambda x, w: jnp.sum(ops.rows_conv(
+            x, w, (1, 1), ((1, 1), (1, 1)), lax.Precision.HIGHEST, None, "matmul", "matmul") * g),
+            (0, 1))(x, w)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", 4 << 20)

@@ -10,9 +10,10 @@ lowering per layer from static shapes (:func:`choose_impl`):
   ``[B*Ho*Wo, k*k*Cin]`` patch matrix and one ``dot``; autodiff gives two more dots.
 - ``'rows'`` (large maps: 56x56, 28x28 and the RGB stem at 224 px): a full patch matrix would not
   fit in cache (memory-bound on 2 cores), so :func:`rows_conv` builds only the kw horizontally
-  shifted views, per chunk of the batch, and runs kh matmuls over row slices of them; its custom
-  VJP computes the weight gradient from the same patches and the input gradient as the transpose of
-  the lowering.
+  shifted views, per chunk of the batch; its custom VJP computes the weight gradient from them as
+  matmuls. At 56x56 and larger the forward (one GEMM over the patches) and the input gradient (the
+  transpose of kh row matmuls) are matmuls too; at 28x28 and for the stem they stay lax's where that
+  measured faster (:func:`rows_plan`).
 - ``'xla'``: ``lax.conv_general_dilated`` unchanged (the GPU/TPU default).
 
 :func:`max_pool` replaces JAX's max-pool gradient (on CPU a variadic reduce-window over value/index
@@ -40,6 +41,9 @@ IMPLS = ("auto", "xla", "im2col", "rows")
 # Bytes of row patches one chunk of the batch may hold in the 'rows' lowering: small enough to stay
 # in cache between building the patches and the matmuls that read them (tuned on a 32 MiB L3).
 ROWS_CHUNK_BYTES = 4 << 20
+# 'rows' maps at least this large (Ho*Wo) also run the forward and input gradient as matmuls
+# (smaller ones keep lax's, :func:`rows_plan`).
+ROWS_OWN_MATMULS_MIN_PIXELS = 56 * 56
 
 
 def choose_impl(out_pixels: int, kernel: tuple[int, int], stride: tuple[int, int],
@@ -141,21 +145,38 @@ def _row_view(q: jax.Array, i: int, sh: int, ho: int) -> jax.Array:
 
 
 def _rows_forward(xp: jax.Array, w: jax.Array, strides: tuple[int, int], ho: int, wo: int,
-                  precision: Any, preferred_element_type: Any) -> jax.Array:
-    """Convolution of the already padded xp [B, Hp, Wp, C] with w [kh, kw, C, O], chunk by chunk."""
+                  precision: Any, preferred_element_type: Any, one_gemm: bool = False) -> jax.Array:
+    """Convolution of the already padded xp [B, Hp, Wp, C] with w [kh, kw, C, O], chunk by chunk.
+
+    one_gemm (stride-1 rows only): all kernel rows as ONE matmul of the width patches with the kh
+    kernel rows side by side ([kw*C, kh*O]: a wider GEMM than kh matmuls with O outputs each), then
+    the kh row-shifted slices of its output summed; else kh matmuls over row slices of the patches.
+    """
     kh, kw, c, o = w.shape
     b = xp.shape[0]
     w_rows = w.reshape(kh, kw * c, o)
     chunk = _chunk_size(b, xp.shape[1] * wo * kw * c * xp.dtype.itemsize)
+    one_gemm = one_gemm and strides[0] == 1
+    contract = (((1,), (0,)), ((), ()))
 
     def one_chunk(xc: jax.Array) -> jax.Array:
         q = _width_patches(xc, kw, strides[1], wo)
+        n, hp = q.shape[:2]
+        if one_gemm:
+            w_side_by_side = w_rows.transpose(1, 0, 2).reshape(kw * c, kh * o)
+            p = lax.dot_general(q.reshape(-1, kw * c), w_side_by_side, contract, precision=precision,
+                                preferred_element_type=preferred_element_type)
+            p = p.reshape(n, hp, wo, kh, o)
+            y = p[:, :ho, :, 0]
+            for i in range(1, kh):
+                y = y + p[:, i:i + ho, :, i]
+            return y
         y = None
         for i in range(kh):
-            yi = lax.dot_general(_row_view(q, i, strides[0], ho), w_rows[i], (((1,), (0,)), ((), ())),
+            yi = lax.dot_general(_row_view(q, i, strides[0], ho), w_rows[i], contract,
                                  precision=precision, preferred_element_type=preferred_element_type)
             y = yi if y is None else y + yi
-        return y.reshape(xc.shape[0], ho, wo, o)
+        return y.reshape(n, ho, wo, o)
 
     ys = lax.map(one_chunk, xp.reshape(b // chunk, chunk, *xp.shape[1:]))
     return ys.reshape(b, ho, wo, o)
@@ -193,41 +214,83 @@ def _rows_weight_grad(xp: jax.Array, dy: jax.Array, kernel: tuple[int, int],
     return acc.reshape(kh, kw, c, o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def rows_plan(out_pixels: int, in_channels: int) -> tuple[str, str]:
+    """(forward, input gradient) lowerings of a 'rows' layer: 'lax' or 'matmul' (width patches).
+
+    Measured per layer at batch 8 (BENCHMARKS.md): width-patch matmuls win at 56x56 and larger
+    (forward 13.6 vs lax 21.8 ms, input gradient 15.4 vs 21.5 ms at 64 channels); at 28x28 lax's own
+    forward and input gradient are faster (11.3 / 10.9 vs 12.9 / 13.2 ms) and only the weight gradient
+    (15 vs 25 ms) is lowered; the RGB stem (<= 4 channels) takes lax's forward and the matmul input
+    gradient (21.8 vs 24.0 ms; 32.9 vs 40.2 ms).
+    """
+    if in_channels <= 4:
+        return "lax", "matmul"
+    if out_pixels < ROWS_OWN_MATMULS_MIN_PIXELS:
+        return "lax", "lax"
+    return "matmul", "matmul"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def rows_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
-              precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-    """NHWC x HWIO convolution as kh matmuls per batch chunk over width patches, with a matmul VJP.
+              precision: Any = None, preferred_element_type: Any = None, forward: str = "auto",
+              input_grad: str = "auto") -> jax.Array:
+    """NHWC x HWIO convolution whose weight gradient (and, by shape, forward and input gradient) are
+    matmuls over width patches.
 
     x: [B, H, W, Cin]; w: [kh, kw, Cin, Cout]; strides (sh, sw); pads ((lo, hi), (lo, hi)).
     Returns [B, Ho, Wo, Cout]. For large maps, where a full patch matrix would not fit in cache:
     each chunk of the batch (about ROWS_CHUNK_BYTES of patches) builds its kw shifted views side by
-    side once, [n, Hp, Wo, kw*Cin], and kernel row i is a (strided) row slice of it, so the
-    convolution is kh matmuls over cache-resident data. The weight gradient contracts the same
-    patches with dy in one pass over the batch (a separate loop, so that XLA drops the input
-    gradient where nothing needs it); the input gradient is the transpose of the forward lowering.
-    With at most 4 input channels (an RGB stem) the forward itself is lax's convolution.
+    side once, [n, Hp, Wo, kw*Cin], and kernel row i is a (strided) row slice of it. The weight
+    gradient contracts those patches with dy (a separate loop, so that XLA drops the input gradient
+    where nothing needs it). forward / input_grad: 'matmul' (the forward as one GEMM over the
+    patches; the input gradient as the transpose of kh row matmuls), 'lax', or 'auto'
+    (:func:`rows_plan`).
     """
-    return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type)[0]
+    return _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type, forward,
+                          input_grad)[0]
 
 
-def _rows_apply(x, w, strides, pads, precision, preferred_element_type):
+def _rows_apply(x, w, strides, pads, precision, preferred_element_type, one_gemm=False):
     ho, wo = _out_size(x.shape[1:3], w.shape[:2], strides, pads)
-    return _rows_forward(_pad_hw(x, pads), w, strides, ho, wo, precision, preferred_element_type)
+    return _rows_forward(_pad_hw(x, pads), w, strides, ho, wo, precision, preferred_element_type,
+                         one_gemm)
 
 
-def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
-    if x.shape[-1] <= 4:  # the RGB stem: XLA's forward is faster than width patches 3 channels wide
-        y = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=precision, preferred_element_type=preferred_element_type)
-        return y, (x, w)
-    return _rows_apply(x, w, strides, pads, precision, preferred_element_type), (x, w)
+def _lax_conv(x, w, strides, pads, precision, preferred_element_type):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _rows_conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
+def _resolve_plan(x, w, strides, pads, forward, input_grad):
+    ho, wo = _out_size(x.shape[1:3], w.shape[:2], strides, pads)
+    auto_forward, auto_input_grad = rows_plan(ho * wo, x.shape[-1])
+    for name, value in (("forward", forward), ("input_grad", input_grad)):
+        if value not in ("auto", "lax", "matmul"):
+            raise ValueError(f"rows_conv {name}={value!r}; use 'auto', 'lax' or 'matmul'")
+    return (auto_forward if forward == "auto" else forward,
+            auto_input_grad if input_grad == "auto" else input_grad)
+
+
+def _rows_conv_fwd(x, w, strides, pads, precision, preferred_element_type, forward, input_grad):
+    forward, _ = _resolve_plan(x, w, strides, pads, forward, input_grad)
+    if forward == "lax":
+        y = _lax_conv(x, w, strides, pads, precision, preferred_element_type)
+    else:
+        y = _rows_apply(x, w, strides, pads, precision, preferred_element_type, one_gemm=True)
+    return y, (x, w)
+
+
+def _rows_conv_bwd(strides, pads, precision, preferred_element_type, forward, input_grad,
+                   residuals, dy):
     x, w = residuals
+    _, input_grad = _resolve_plan(x, w, strides, pads, forward, input_grad)
     dw = _rows_weight_grad(_pad_hw(x, pads), dy, w.shape[:2], strides, precision).astype(w.dtype)
-    # Linear in x: the transpose of the lowering needs only w (no patches are kept from the forward).
-    _, transpose = jax.vjp(lambda lhs: _rows_apply(lhs, w, strides, pads, precision, None), x)
+    # Linear in x: the transpose of either lowering needs only w (no patches kept from the forward).
+    if input_grad == "lax":
+        apply = lambda lhs: _lax_conv(lhs, w, strides, pads, precision, None)
+    else:
+        apply = lambda lhs: _rows_apply(lhs, w, strides, pads, precision, None)
+    _, transpose = jax.vjp(apply, x)
     (dx,) = transpose(dy.astype(x.dtype))
     return dx, dw
 
