@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -103,22 +104,31 @@ def enable_compilation_cache(setting: str) -> str:
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: int,
-               cpu_out: list[float] | None = None) -> list[float]:
+               stats_out: dict[str, list[float]] | None = None) -> list[float]:
     """Wall seconds of `repeats` calls after `warmup` calls; `fn` must block until done.
 
-    cpu_out: if given, receives the process CPU seconds (all threads) of each timed call, which is
-    steadier than wall time on a shared machine.
+    stats_out: if given, receives per timed call 'cpu_s', the process CPU seconds (all threads),
+    steadier than wall time on a shared machine, and 'minor_faults', the pages the process
+    faulted in (0 once the allocator keeps its memory; see vpns_jax.cpu_malloc).
     """
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
-        if cpu_out is not None:
-            cpu_out.append(time.process_time() - c0)
+        if stats_out is not None:
+            stats_out.setdefault("cpu_s", []).append(time.process_time() - c0)
+            stats_out.setdefault("minor_faults", []).append(
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return out
+
+
+def median_stats(per_step: dict[str, dict[str, list[float]]], key: str) -> dict[str, float]:
+    """{step: median of `key` over its timed calls} from time_calls' stats_out dicts."""
+    return {s: round(statistics.median(v[key]), 4) for s, v in per_step.items() if v.get(key)}
 
 
 def make_data(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -160,7 +170,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     seconds: dict[str, list[float]] = {}
     compile_s: dict[str, float] = {}
     flops: dict[str, float] = {}
-    cpu: dict[str, list[float]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
 
     def run_train(name: str, stage: Any, state: Any) -> Any:
         step = steps.make_train_step(stage, model, spec)
@@ -175,7 +185,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
             box[0], metrics = compiled(box[0], batches, label_map, factors)
             jax.block_until_ready(metrics)
 
-        seconds[name] = time_calls(call, args.warmup, args.repeats, cpu.setdefault(name, []))
+        seconds[name] = time_calls(call, args.warmup, args.repeats, cpu.setdefault(name, {}))
         return box[0]
 
     if "dense" in args.steps:
@@ -199,7 +209,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         flops["eval"] = compiled_flops(compiled_eval)
         seconds["eval"] = time_calls(
             lambda: jax.block_until_ready(compiled_eval(st, eval_batch, label_map)),
-            args.warmup, args.repeats, cpu.setdefault("eval", []))
+            args.warmup, args.repeats, cpu.setdefault("eval", {}))
 
     thr = jax.jit(lambda s: sparsity.global_threshold(s, args.density))
     scores = vpns_method.init_scores(variables["params"])
@@ -262,7 +272,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
                                nchw(data["x_train"]), torch.from_numpy(data["y_train"]).long())))
     cuda = device.startswith("cuda")
     peak: dict[str, int] = {}
-    cpu: dict[str, list[float]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> None:
         def call() -> None:
@@ -272,7 +282,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seconds[name] = time_calls(call, warmup, args.repeats, cpu.setdefault(name, []))
+        seconds[name] = time_calls(call, warmup, args.repeats, cpu.setdefault(name, {}))
         if cuda:
             peak[name] = int(torch.cuda.max_memory_allocated())
 
@@ -394,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "malloc": cpu_malloc.malloc_name(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "cpu_s": {s: round(statistics.median(c), 4) for s, c in results["jax"]["cpu"].items()},
+        "cpu_s": median_stats(results["jax"]["cpu"], "cpu_s"),
+        "minor_faults": median_stats(results["jax"]["cpu"], "minor_faults"),
     }
     peak = peak_tflops(args)
     if peak:
@@ -410,8 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["torch_images_per_s"] = ips_of("torch")
         record["torch_threshold_ms"] = round(med["torch"]["threshold"] * 1e3, 2)
         record["torch_threads"] = results["torch"]["threads"]
-        record["torch_cpu_s"] = {s: round(statistics.median(c), 4)
-                                 for s, c in results["torch"]["cpu"].items()}
+        record["torch_cpu_s"] = median_stats(results["torch"]["cpu"], "cpu_s")
+        record["torch_minor_faults"] = median_stats(results["torch"]["cpu"], "minor_faults")
         record["jax_over_torch"] = {s: round(med["torch"][s] / med["jax"][s], 3)
                                     for s in ("mask_finding", "tuning", "dense", "eval")
                                     if s in med["torch"] and s in med["jax"]}

@@ -18,6 +18,9 @@ def test_step_benchmark_toy_size_with_torch(capsys):
     assert all(v > 0 for v in record["images_per_s"].values())
     assert set(record["jax_over_torch"]) >= {"mask_finding", "tuning"}
     assert record["num_scores"] > 0 and record["threshold_ms"] > 0
+    for key in ("cpu_s", "minor_faults", "torch_cpu_s", "torch_minor_faults"):
+        assert set(record[key]) >= {"mask_finding", "tuning"}, key
+        assert all(v >= 0 for v in record[key].values()), key
 
 
 def test_step_benchmark_rejects_unknown_step():
