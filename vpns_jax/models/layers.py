@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from vpns_jax import ops
 
@@ -69,13 +70,56 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Dtype
                    bias_init=nn.initializers.zeros, name=name, conv_general_dilated=lowering)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over the last axis: (y, batch mean, biased batch variance).
+
+    x: f32[..., C]; scale, bias: f32[C]. y = (x - mean) / sqrt(var + eps) * scale + bias. The
+    hand-written VJP is the textbook one, dx = a*dy + b*xhat + c with per-channel a, b, c (two
+    reductions and one elementwise pass), where autodiff of the two-pass variance reads the
+    activations several more times; it includes the cotangents of mean and var, so the function
+    is exactly differentiable in all outputs.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    inv = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (scale * inv) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    xhat = (x - mean) * inv
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * xhat, axes)
+    # d/dx of y:    scale*inv * (dy - dbias/n - xhat * dscale/n)
+    # of mean:      dmean / n;   of var: dvar * 2 (x - mean) / n = xhat * 2 dvar / (inv n)
+    a = scale * inv
+    b = -a * dscale / n + 2.0 * dvar / (inv * n)
+    c = -a * dbias / n + dmean / n
+    dx = a * dy + b * xhat + c
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """PyTorch BatchNorm over the last (channel) axis.
 
     Params `scale`, `bias`; batch_stats `mean`, `var` (all f32[C]). Train mode normalizes with the
-    batch mean and *biased* batch variance and updates running stats as new = (1-m)·old + m·batch,
-    using the *unbiased* batch variance (m = momentum = 0.1, PyTorch's convention). Eval mode uses
-    the running stats.
+    batch mean and *biased* batch variance (:func:`batch_norm_train`) and updates running stats as
+    new = (1-m)·old + m·batch, using the *unbiased* batch variance (m = momentum = 0.1, PyTorch's
+    convention). Eval mode uses the running stats.
     Statistics are computed in float32 whatever the computation dtype.
     """
 
@@ -92,20 +136,16 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         xf = x.astype(jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
+        if not train:
+            mul = scale / jnp.sqrt(ra_var.value + self.epsilon)
+            return ((xf - ra_mean.value) * mul + bias).astype(self.dtype)
+        y, mean, var = batch_norm_train(xf, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            m = self.momentum
             n = math.prod(x.shape[:-1])
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
-            if not self.is_initializing():
-                m = self.momentum
-                unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
-                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        mul = scale / jnp.sqrt(var + self.epsilon)
-        y = (xf - mean) * mul + bias
+            unbiased = lax.stop_gradient(var) * (n / max(n - 1, 1))
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * lax.stop_gradient(mean)
+            ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
         return y.astype(self.dtype)
 
 
