@@ -78,6 +78,7 @@ def test_bookkeeping_counts_two_steps_per_iteration(full_run):
     assert result.iterations == 3 * ITERS  # zip stops at the shorter view
     assert result.gradient_steps == 2 * 3 * ITERS
     assert result.seconds > 0
+    assert 0 < result.first_iteration_seconds <= result.seconds  # includes compiling the step
     assert int(state.step) == 3 * ITERS
     assert {'pass0/loss', 'pass1/loss'} <= set(result.metrics)
 
@@ -111,6 +112,12 @@ def test_resume_from_epoch_and_mid_epoch_equals_uninterrupted(variables, full_ru
     state = snapshot(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nothing_left_to_run_reports_no_first_iteration(variables):
+    _, result = loop.run_stage(STAGE, fresh(variables), TinyNet(), loaders(), prompt_spec=SPEC,
+                               label_map=jnp.asarray(LABEL_MAP), start_epoch=STAGE.epochs)
+    assert result.iterations == 0 and result.first_iteration_seconds is None
 
 
 def test_missing_view_loader_is_an_error(variables):

@@ -54,7 +54,11 @@ class StepEnd:
 @dataclasses.dataclass(frozen=True)
 class StageResult:
     """Bookkeeping of one `run_stage` call: epochs and iterations run, optimizer steps
-    (iterations x passes: two per iteration for VPNs), wall seconds, last epoch's mean metrics."""
+    (iterations x passes: two per iteration for VPNs), wall seconds, last epoch's mean metrics.
+
+    first_iteration_seconds: wall time of the call's first iteration, which includes tracing and
+    compiling the step (or loading it from the persistent compilation cache); None if none ran.
+    """
 
     name: str
     epochs: int
@@ -62,6 +66,7 @@ class StageResult:
     gradient_steps: int
     seconds: float
     metrics: dict[str, float]
+    first_iteration_seconds: float | None = None
 
 
 def _epoch_iter(source: EpochSource, epoch: int, skip: int) -> Iterator[Batch]:
@@ -129,6 +134,7 @@ def run_stage(
     images = 0
     metrics: dict[str, float] = {}
     started = time.perf_counter()
+    first_iteration_seconds: float | None = None
     steps_per_epoch: int | None = None
     for epoch in range(start_epoch, stage.epochs):
         factors = optim.lr_factors(stage, epoch)
@@ -145,6 +151,13 @@ def run_stage(
             history.append(step_metrics)
             iterations += 1
             images += sum(int(np.shape(b['label'])[0]) for b in batches.values())
+            if first_iteration_seconds is None:
+                jax.block_until_ready(step_metrics)
+                first_iteration_seconds = time.perf_counter() - mark
+                logging.info('%s: first iteration %.1f s (compiling the step, or loading it from the '
+                             'persistent compilation cache, + one iteration)', stage.name,
+                             first_iteration_seconds)
+                mark, mark_images, mark_iterations = time.perf_counter(), images, iterations
             if (step_hook is not None and step_hook_every and (i + 1) % step_hook_every == 0
                     and (i + 1) != steps_per_epoch):
                 step_hook(StepEnd(stage, epoch, i + 1, state, label_map))
@@ -179,6 +192,7 @@ def run_stage(
         gradient_steps=iterations * stage.steps_per_iteration,
         seconds=seconds,
         metrics=metrics,
+        first_iteration_seconds=first_iteration_seconds,
     )
 
 
