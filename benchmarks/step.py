@@ -170,7 +170,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     seconds: dict[str, list[float]] = {}
     compile_s: dict[str, float] = {}
     flops: dict[str, float] = {}
-    cpu: dict[str, dict[str, list[float]]] = {}
+    call_stats: dict[str, dict[str, list[float]]] = {}
 
     def run_train(name: str, stage: Any, state: Any) -> Any:
         step = steps.make_train_step(stage, model, spec)
@@ -185,7 +185,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
             box[0], metrics = compiled(box[0], batches, label_map, factors)
             jax.block_until_ready(metrics)
 
-        seconds[name] = time_calls(call, args.warmup, args.repeats, cpu.setdefault(name, {}))
+        seconds[name] = time_calls(call, args.warmup, args.repeats, call_stats.setdefault(name, {}))
         return box[0]
 
     if "dense" in args.steps:
@@ -209,7 +209,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         flops["eval"] = compiled_flops(compiled_eval)
         seconds["eval"] = time_calls(
             lambda: jax.block_until_ready(compiled_eval(st, eval_batch, label_map)),
-            args.warmup, args.repeats, cpu.setdefault("eval", {}))
+            args.warmup, args.repeats, call_stats.setdefault("eval", {}))
 
     thr = jax.jit(lambda s: sparsity.global_threshold(s, args.density))
     scores = vpns_method.init_scores(variables["params"])
@@ -217,7 +217,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     n_scores = int(sum(v.size for v in scores.values()))
     stats = jax.devices()[0].memory_stats() or {}
     return {"seconds": seconds, "compile_s": compile_s, "num_scores": n_scores, "flops": flops,
-            "peak_bytes": stats.get("peak_bytes_in_use"), "cpu": cpu,
+            "peak_bytes": stats.get("peak_bytes_in_use"), "call_stats": call_stats,
             "conv_impl": getattr(model, "conv_impl", "xla")}
 
 
@@ -272,7 +272,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
                                nchw(data["x_train"]), torch.from_numpy(data["y_train"]).long())))
     cuda = device.startswith("cuda")
     peak: dict[str, int] = {}
-    cpu: dict[str, dict[str, list[float]]] = {}
+    call_stats: dict[str, dict[str, list[float]]] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> None:
         def call() -> None:
@@ -282,7 +282,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seconds[name] = time_calls(call, warmup, args.repeats, cpu.setdefault(name, {}))
+        seconds[name] = time_calls(call, warmup, args.repeats, call_stats.setdefault(name, {}))
         if cuda:
             peak[name] = int(torch.cuda.max_memory_allocated())
 
@@ -313,7 +313,7 @@ def bench_torch(args: argparse.Namespace, data: dict[str, np.ndarray],
         timed("threshold", v.refresh)
     return {"seconds": seconds, "threads": torch.get_num_threads(), "device": device,
             "autocast": args.torch_autocast, "version": torch.__version__, "peak_bytes": peak,
-            "cpu": cpu}
+            "call_stats": call_stats}
 
 
 def images_per_step(name: str, batch: int) -> int:
@@ -404,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "malloc": cpu_malloc.malloc_name(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "cpu_s": median_stats(results["jax"]["cpu"], "cpu_s"),
-        "minor_faults": median_stats(results["jax"]["cpu"], "minor_faults"),
+        "cpu_s": median_stats(results["jax"]["call_stats"], "cpu_s"),
+        "minor_faults": median_stats(results["jax"]["call_stats"], "minor_faults"),
     }
     peak = peak_tflops(args)
     if peak:
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["torch_images_per_s"] = ips_of("torch")
         record["torch_threshold_ms"] = round(med["torch"]["threshold"] * 1e3, 2)
         record["torch_threads"] = results["torch"]["threads"]
-        record["torch_cpu_s"] = median_stats(results["torch"]["cpu"], "cpu_s")
-        record["torch_minor_faults"] = median_stats(results["torch"]["cpu"], "minor_faults")
+        record["torch_cpu_s"] = median_stats(results["torch"]["call_stats"], "cpu_s")
+        record["torch_minor_faults"] = median_stats(results["torch"]["call_stats"], "minor_faults")
         record["jax_over_torch"] = {s: round(med["torch"][s] / med["jax"][s], 3)
                                     for s in ("mask_finding", "tuning", "dense", "eval")
                                     if s in med["torch"] and s in med["jax"]}

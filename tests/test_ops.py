@@ -32,6 +32,12 @@ def _ops(x, w, s, p, impl):
                                     precision=lax.Precision.HIGHEST, impl=impl)
 
 
+def _rows(x, w, s, p, forward, input_grad):
+    """ops.rows_conv with the (forward, input gradient) lowerings forced."""
+    return ops.rows_conv(x, w, (s, s), ((p, p), (p, p)), lax.Precision.HIGHEST, None, forward,
+                         input_grad)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", ["im2col", "rows", "auto"])
 def test_matches_lax_values_and_grads(case, impl):
@@ -61,13 +67,10 @@ def test_rows_plans_match_lax(case, forward, input_grad):
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
     g = jnp.asarray(rng.normal(size=_lax(x, w, s, p).shape), jnp.float32)
 
-    def rows(x, w):
-        return ops.rows_conv(x, w, (s, s), ((p, p), (p, p)), lax.Precision.HIGHEST, None,
-                             forward, input_grad)
-
-    np.testing.assert_allclose(rows(x, w), _lax(x, w, s, p), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_rows(x, w, s, p, forward, input_grad), _lax(x, w, s, p),
+                               rtol=1e-5, atol=1e-5)
     want = jax.grad(lambda x, w: jnp.sum(_lax(x, w, s, p) * g), (0, 1))(x, w)
-    got = jax.grad(lambda x, w: jnp.sum(rows(x, w) * g), (0, 1))(x, w)
+    got = jax.grad(lambda x, w: jnp.sum(_rows(x, w, s, p, forward, input_grad) * g), (0, 1))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -119,9 +122,7 @@ def test_rows_chunks_cover_the_batch(batch, monkeypatch):
     want = jax.grad(lambda x, w: jnp.sum(_lax(x, w, 1, 1) * g), (0, 1))(x, w)
     for budget in (1, 10 * 12 * 3 * 4 * 4 * 2, 1 << 30):  # one image, two images, whole batch
         monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", budget)
-        got = jax.grad(lambda x, w: jnp.sum(ops.rows_conv(
-            x, w, (1, 1), ((1, 1), (1, 1)), lax.Precision.HIGHEST, None, "matmul", "matmul") * g),
-            (0, 1))(x, w)
+        got = jax.grad(lambda x, w: jnp.sum(_rows(x, w, 1, 1, "matmul", "matmul") * g), (0, 1))(x, w)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(ops, "ROWS_CHUNK_BYTES", 4 << 20)
