@@ -36,18 +36,10 @@ def get_config(arg=None):
     # VPNs needs half the epochs of HYDRA (reference §4.3: 30+30 vs 60+60), kept in that ratio here.
     # Learning rates scaled up from the ImageNet-scale defaults because the run is ~100x shorter.
     epochs = 2 if args.fast else 8
-    c.mask_finding.epochs = epochs
-    c.mask_finding.lr = 1e-2
-    c.mask_finding.prompt_lr = 1e-2
-    c.tuning.epochs = epochs
-    c.tuning.lr = 0.05
-    c.tuning.prompt_lr = 0.05
-    c.hydra.mask_finding.epochs = 2 * epochs
-    c.hydra.mask_finding.optimizer = "adam"
-    c.hydra.mask_finding.lr = 1e-2
-    c.hydra.tuning.epochs = 2 * epochs
-    c.hydra.tuning.lr = 0.05
-    c.dense.epochs = 2 * epochs
-    c.dense.lr = 0.05
+    c.vpns.mask_finding.update(epochs=epochs, lr=1e-2, prompt_lr=1e-2)
+    c.vpns.tuning.update(epochs=epochs, lr=0.05, prompt_lr=0.05)
+    c.hydra.mask_finding.update(epochs=2 * epochs, optimizer="adam", lr=1e-2)
+    c.hydra.tuning.update(epochs=2 * epochs, lr=0.05)
+    c.dense.update(epochs=2 * epochs, lr=0.05)
     c.log_every_steps = 20
     return c

@@ -42,10 +42,8 @@ def small_config(weights: str) -> object:
     c.prompt.pad_size = 4
     c.batch_size = 64
     c.sparsities = (0.5,)
-    for stage in (c.mask_finding, c.tuning):
-        stage.epochs = 2
-    c.mask_finding.lr = c.mask_finding.prompt_lr = 1e-2
-    c.tuning.lr = c.tuning.prompt_lr = 0.05
+    c.vpns.mask_finding.update(epochs=2, lr=1e-2, prompt_lr=1e-2)
+    c.vpns.tuning.update(epochs=2, lr=0.05, prompt_lr=0.05)
     c.log_every_steps = 1000
     c.plots = True
     return c
@@ -70,7 +68,7 @@ def test_results_json_and_exact_sparsity(finished):
     assert set(run) >= {"method", "arch", "dataset", "seed", "sparsity", "actual_sparsity", "accuracy",
                         "accuracy_with_prompt", "epochs", "gradient_steps", "seconds"}
     assert (run["method"], run["arch"], run["dataset"], run["seed"]) == ("vpns", "resnet18", "digits", 7)
-    assert run["epochs"] == {"mask_finding": 2, "tuning": 2}
+    assert run["epochs"] == [2, 2]
     # digits: 1,438 training images, batch 64 -> 22 iterations per epoch, two optimizer steps each.
     assert run["gradient_steps"] == 4 * 22 * 2
     # Global threshold: exactly floor(0.5 N) prunable weights removed.
@@ -132,8 +130,8 @@ def test_eval_mode_restores_the_final_state(finished):
 def test_resuming_under_another_config_is_refused(finished):
     config, workdir, _ = finished
     config = config.copy_and_resolve_references()
-    config.tuning.lr = 0.5
-    with pytest.raises(experiment.CheckpointError, match=r"different config.*tuning\.lr"):
+    config.vpns.tuning.lr = 0.5
+    with pytest.raises(experiment.CheckpointError, match=r"different config.*vpns\.tuning\.lr"):
         experiment.run(config, workdir)
 
 
@@ -205,9 +203,9 @@ def test_switches_end_to_end(finished, tmp_path):
 
     c = config.copy_and_resolve_references()
     c.label_mapping = "ilm"
-    c.passes = "prompted_only"
-    c.prompt.at_test = True
-    c.mask_finding.epochs = c.tuning.epochs = 1
+    c.vpns.passes = "prompted_only"
+    c.vpns.at_test = True
+    c.vpns.mask_finding.epochs = c.vpns.tuning.epochs = 1
     c.steps_per_epoch = 5
     results = experiment.run(c, str(tmp_path / "b"))
     (run,) = results["runs"]

@@ -14,56 +14,28 @@ from typing import Any
 import ml_collections as mlc
 
 from vpns_jax.errors import ConfigError
-from vpns_jax.methods import vpns as vpns_method
+from vpns_jax import methods
 
-METHODS = ("dense", "hydra", "vpns")
 PROMPT_METHODS = ("pad", "fix", "random")
 LABEL_MAPPINGS = ("flm", "ilm", "new_head")
-PASSES = ("two", "prompted_only")
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("cosine", "multistep", "constant")
-THRESHOLD_SCOPES = ("global", "layer")
 MODES = ("train", "eval")
 # Sizes the released code accepts (reference §1.1); others are allowed with a warning-free check of
 # consistency only, because CPU-scale runs use small inputs.
 REFERENCE_INPUT_SIZES = (224, 192, 160, 128, 96, 64, 32)
 
-# Reference batch sizes (reference §4.3 / §7) and the research scripts' per-dataset learning rates (§4.3).
+# Reference batch sizes (reference §4.3 / §7).
 DATASET_BATCH_SIZE = {
     "cifar10": 256, "cifar100": 256, "food101": 256, "tiny_imagenet": 256,
     "oxford_flowers102": 128, "stanford_cars": 128, "dtd": 64, "oxford_iiit_pet": 64,
     "imagenet2012": 1024, "fashion_mnist": 256, "digits": 64,
 }
-RESEARCH_OVERRIDES = {
-    # Research run scripts (jincan333/ILM-VP@develop-can:remote_sh/vpns_<dataset>.sh).
-    "oxford_flowers102": {"tuning.optimizer": "adam", "tuning.lr": 1e-3, "tuning.prompt_lr": 1e-3,
-                          "mask_finding.optimizer": "adam", "mask_finding.lr": 1e-3,
-                          "mask_finding.prompt_lr": 1e-3},
-    "stanford_cars": {"tuning.optimizer": "adam", "tuning.lr": 1e-3, "tuning.prompt_lr": 1e-3,
-                      "mask_finding.optimizer": "adam", "mask_finding.lr": 1e-3,
-                      "mask_finding.prompt_lr": 1e-3},
-    "oxford_iiit_pet": {"mask_finding.optimizer": "sgd", "mask_finding.lr": 0.05,
-                        "mask_finding.prompt_lr": 0.05},
-}
-
-
-def _stage(epochs: int, optimizer: str, lr: float, prompt_lr: float) -> mlc.ConfigDict:
-    return mlc.ConfigDict({
-        "epochs": epochs,
-        "optimizer": optimizer,
-        "lr": lr,
-        "prompt_lr": prompt_lr,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "schedule": "cosine",
-    })
 
 
 def default_config() -> mlc.ConfigDict:
     """Every field, with the released VPNs code's defaults (ResNet-18, CIFAR-10, 224, pad 16)."""
     c = mlc.ConfigDict()
     c.mode = "train"  # train | eval (restore the final states in --workdir and evaluate them)
-    c.methods = "vpns"  # comma-separated: dense, hydra, vpns
+    c.methods = "vpns"  # comma-separated names of vpns_jax.methods (see README), run in this order
     c.arch = "resnet18"
     c.weights = ""  # project-format weights (python -m vpns_jax.weights convert ...)
     c.model = mlc.ConfigDict({"width": 1.0, "small_input": False})
@@ -75,26 +47,17 @@ def default_config() -> mlc.ConfigDict:
     c.eval_batch_size = 0  # 0 = batch_size
     c.seed = 7
     c.sparsities = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    c.threshold = "global"  # global (released VPNs) | layer (original HYDRA)
     c.label_mapping = "flm"  # flm (released) | ilm (re-mapped every epoch) | new_head
-    c.passes = "two"  # two (released: prompted clean + un-prompted augmented) | prompted_only (paper)
-    c.prompt = mlc.ConfigDict({
+    c.prompt = mlc.ConfigDict({  # the prompt's geometry; where and how it trains is each method's
         "method": "pad",
         "output_size": 224,
         "pad_size": 16,
         "mask_size": 115,
-        "stages": "both",  # both | mask_finding | tuning
-        "at_test": False,  # released code evaluates without the prompt
     })
-    c.mask_finding = _stage(30, "adam", 1e-4, 1e-4)
-    c.tuning = _stage(30, "sgd", 0.01, 0.01)
-    # HYDRA as compared in the paper (reference §5.8): 60 + 60 epochs, one un-prompted pass per batch,
-    # scores with SGD 0.01 in the research scripts (the paper's text says Adam: set hydra.optimizer).
-    c.hydra = mlc.ConfigDict({
-        "mask_finding": _stage(60, "sgd", 0.01, 0.0),
-        "tuning": _stage(60, "sgd", 0.01, 0.0),
-    })
-    c.dense = _stage(30, "sgd", 0.01, 0.01)  # dense fine-tuning, the reference point
+    # One subtree per registered method, config.<method>.*, with the reference's defaults; each
+    # method validates its own options when it builds its runs.
+    for name, subtree in methods.default_configs().items():
+        c[name] = subtree
     # Offline proxy source model: when `proxy.dataset` is set and `weights` does not exist yet, a model is
     # trained from scratch on that dataset and saved to `weights` (default: WORKDIR/proxy_<arch>.safetensors)
     # in the same format as converted ImageNet weights; the rest of the run cannot tell the difference.
@@ -193,18 +156,6 @@ def _positive_float(config: mlc.ConfigDict, field: str, *, allow_zero: bool = Fa
         _fail(field, value, "a finite number " + (">= 0" if allow_zero else "> 0"))
 
 
-def _validate_stage(config: mlc.ConfigDict, prefix: str) -> None:
-    _positive_int(config, f"{prefix}.epochs", allow_zero=True)
-    _one_of(config, f"{prefix}.optimizer", OPTIMIZERS)
-    _one_of(config, f"{prefix}.schedule", SCHEDULES)
-    _positive_float(config, f"{prefix}.lr")
-    _positive_float(config, f"{prefix}.prompt_lr", allow_zero=True)
-    _positive_float(config, f"{prefix}.weight_decay", allow_zero=True)
-    momentum = _get(config, f"{prefix}.momentum")
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        _fail(f"{prefix}.momentum", momentum, "a number in [0, 1)")
-
-
 def validate_sparsities(values: Sequence[Any]) -> None:
     """Each sparsity must be a number in [0, 1) (1 would remove every weight)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
@@ -219,13 +170,17 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
              known_datasets: Iterable[str] | None = None) -> None:
     """Check every field; raise `ConfigError` naming the first bad field and its allowed values."""
     _one_of(config, "mode", MODES)
-    methods = method_list(config)
-    if not methods:
-        _fail("methods", config.methods, f"a comma-separated subset of {', '.join(METHODS)}")
-    for m in methods:
-        if m not in METHODS:
+    known = methods.names()
+    chosen = method_list(config)
+    if not chosen:
+        _fail("methods", config.methods, f"a comma-separated subset of {', '.join(known)}")
+    for m in chosen:
+        if m not in known:
             _fail("methods", config.methods,
-                  f"a comma-separated subset of {', '.join(METHODS)} ({m!r} is unknown)")
+                  f"a comma-separated subset of {', '.join(known)} ({m!r} is unknown)")
+        if m not in config:
+            _fail("methods", config.methods, f"methods whose options are in the config "
+                  f"(config.{m} is missing: build it with default_config() after registering {m!r})")
     if known_archs is not None:
         _one_of(config, "arch", known_archs)
     if known_datasets is not None:
@@ -237,11 +192,8 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     if not isinstance(config.seed, int):
         _fail("seed", config.seed, "an integer")
     validate_sparsities(config.sparsities)
-    _one_of(config, "threshold", THRESHOLD_SCOPES)
     _one_of(config, "label_mapping", LABEL_MAPPINGS)
-    _one_of(config, "passes", PASSES)
     _one_of(config, "prompt.method", PROMPT_METHODS)
-    _one_of(config, "prompt.stages", vpns_method.PROMPT_IN)
     _positive_int(config, "prompt.output_size")
     _positive_int(config, "prompt.pad_size", allow_zero=True)
     _positive_int(config, "prompt.mask_size")
@@ -253,8 +205,6 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
         _fail("prompt.pad_size", pad, f"at most prompt.output_size / 2 = {out // 2}")
     if config.prompt.method in ("fix", "random") and config.prompt.mask_size > out:
         _fail("prompt.mask_size", config.prompt.mask_size, f"at most prompt.output_size = {out}")
-    for prefix in ("mask_finding", "tuning", "hydra.mask_finding", "hydra.tuning", "dense"):
-        _validate_stage(config, prefix)
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_epochs")
@@ -277,6 +227,22 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
 # Builders used by the files in configs/
 
 
+def set_epochs(config: mlc.ConfigDict, fn: Any) -> None:
+    """Replace every method's `epochs` fields (at any depth) by `fn(epochs)` (quick configs)."""
+    for name in methods.names():
+        if name in config:
+            _map_epochs(config[name], fn)
+
+
+def _map_epochs(node: mlc.ConfigDict, fn: Any) -> None:
+    for key in list(node.keys()):
+        value = node[key]
+        if isinstance(value, mlc.ConfigDict):
+            _map_epochs(value, fn)
+        elif key == "epochs":
+            node[key] = int(fn(value))
+
+
 def paper_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
     """The paper's setting for `dataset`; `arg` = 'arch=resnet18,method=vpns,hparams=released,runlocal'
     (several methods: method=dense+hydra+vpns).
@@ -296,15 +262,20 @@ def paper_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
     c.arch = args.arch
     c.methods = args.method.replace("+", ",")
     c.batch_size = DATASET_BATCH_SIZE.get(args.dataset, 256)
-    if args.hparams == "research":
-        apply_overrides(c, RESEARCH_OVERRIDES.get(args.dataset, {}))
+    if args.hparams == "research":  # the authors' per-dataset scripts, as each method lists them
+        for name in methods.names():
+            research = getattr(methods.get(name), "research", None)
+            overrides = research(args.dataset) if research else {}
+            apply_overrides(c, {f"{name}.{k}": v for k, v in overrides.items()})
+    c.lth.rounds = 10  # the research scripts' LTH curve: 20% ... 89.26% (reference §9.1)
     if args.arch == "resnet50":
         c.weights = ""  # ResNet-50: torchvision IMAGENET1K_V2 weights (reference ambiguity 11)
     if args.runlocal:
         c.sparsities = (0.5,)
         c.steps_per_epoch = 2
         c.log_every_steps = 1
-        for stage in (c.mask_finding, c.tuning, c.dense, c.hydra.mask_finding, c.hydra.tuning):
-            stage.epochs = 1
+        set_epochs(c, lambda epochs: min(epochs, 1))
+        c.lth.rounds = 1
+        c.synflow.iterations = 2
         c.batch_size = min(c.batch_size, 16)
     return c

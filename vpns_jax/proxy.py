@@ -14,7 +14,7 @@ import jax
 import ml_collections as mlc
 from absl import logging
 
-from vpns_jax import data, methods, models, parallel, train
+from vpns_jax import data, models, parallel, train
 from vpns_jax import weights as weights_lib
 
 
@@ -38,7 +38,9 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
                                batch_size=p.batch_size, seed=config.seed, data_dir=data_dir,
                                shard_index=info.process_index, shard_count=info.process_count,
                                max_steps_per_epoch=p.steps_per_epoch)
-    (stage,) = methods.stages("dense", {"epochs": p.epochs, "weight_lr": p.lr})
+    # Plain SGD training from scratch (momentum 0.9, L2 1e-4, cosine), one pass per batch.
+    stage = train.Stage("proxy", p.epochs, params=train.sgd(p.lr, 0.9, 1e-4),
+                        passes=train.UNPROMPTED)
     state = train.create_state(variables, rng=rng)
     state = jax.device_put(train.begin_stage(stage, state), parallel.replicated(mesh))
     logging.info("proxy: training %s (width %g) on %s for %d epochs", config.arch,

@@ -12,16 +12,17 @@ RESULTS_FILE = "results.json"
 
 def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: float,
                actual_sparsity: float, accuracy: float, accuracy_with_prompt: float | None,
-               accuracy_without_prompt: float, epochs: dict[str, int], gradient_steps: int,
+               accuracy_without_prompt: float, epochs: list[int], gradient_steps: int,
                seconds: float) -> dict[str, Any]:
-    """One row of `results.json` (accuracies as fractions in [0, 1])."""
+    """One row of `results.json` (accuracies as fractions in [0, 1]; `epochs` per stage of the run's
+    chain, shared stages included; `gradient_steps` and `seconds` the whole chain's cost)."""
     return {
         "method": method, "arch": arch, "dataset": dataset, "seed": seed,
         "sparsity": float(sparsity), "actual_sparsity": float(actual_sparsity),
         "accuracy": float(accuracy),
         "accuracy_with_prompt": None if accuracy_with_prompt is None else float(accuracy_with_prompt),
         "accuracy_without_prompt": float(accuracy_without_prompt),
-        "epochs": dict(epochs), "gradient_steps": int(gradient_steps), "seconds": float(seconds),
+        "epochs": [int(e) for e in epochs], "gradient_steps": int(gradient_steps), "seconds": float(seconds),
     }
 
 
@@ -74,7 +75,8 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
     header = ("method", "sparsity", "actual", "acc %", "acc+VP %", "epochs", "steps", "time s")
     rows = [header]
     for r in sorted(runs, key=lambda r: (r["method"] != "dense", r["method"], r["sparsity"])):
-        epochs = "+".join(str(v) for v in r["epochs"].values())
+        stages = r["epochs"].values() if isinstance(r["epochs"], dict) else r["epochs"]
+        epochs = "+".join(str(v) for v in stages)
         rows.append((r["method"], f"{r['sparsity']:.2f}", f"{r['actual_sparsity']:.4f}",
                      _pct(r["accuracy"]), _pct(r["accuracy_with_prompt"]), epochs,
                      str(r["gradient_steps"]), f"{r['seconds']:.0f}"))

@@ -1,47 +1,101 @@
-"""Method registry: name -> recipe (a config dataclass, the first scores, and a list of stages).
+"""Method registry: every pruning method of the paper is ONE module that turns its config into runs.
 
-Each method module defines ``NAME``, ``USES_PROMPT``, ``Config`` (frozen dataclass),
-``init_scores(params)`` (how the first mask is made; ``{}`` for dense) and
-``recipe(config) -> list[Stage]``.
+A method module (or any object) has
+- ``NAME``: the name in ``config.methods`` and of its config subtree ``config.<NAME>``;
+- ``default_config() -> ml_collections.ConfigDict``: its options with the reference's defaults;
+- ``plan(config) -> list[plan.Run]``: the runs (chains of stages, one result row each) for the
+  configured sparsities, validating its options as it reads them;
+and optionally ``mask_source(config, sparsity) -> plan.MaskSource`` (how it makes a mask, for the
+methods that reuse it: VPNs w. X, the post-pruning-prompt pilot), ``levels(config)`` (its own sparsity
+series, LTH) and ``research(dataset) -> {dotted field: value}`` (the authors' per-dataset scripts).
+`register` adds one; nothing else in the package needs to change.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
-from vpns_jax.errors import ConfigError
-from vpns_jax.methods import dense, hydra, vpns
-from vpns_jax.train.stages import Stage
+import ml_collections as mlc
 
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (vpns, hydra, dense)}
+from vpns_jax.errors import ConfigError
+from vpns_jax.methods import (
+    bip,
+    dense,
+    grasp,
+    hydra,
+    lth,
+    omp,
+    post_prompt,
+    random,
+    snip,
+    synflow,
+    vpns,
+    vpns_with,
+)
+from vpns_jax.methods.plan import Run
+
+_REQUIRED = ('NAME', 'default_config', 'plan')
+REGISTRY: dict[str, Any] = {}
+
+
+def register(method: Any) -> Any:
+    """Add a method (module or object with NAME, default_config, plan); returns it."""
+    missing = [a for a in _REQUIRED if not hasattr(method, a)]
+    if missing:
+        raise TypeError(f'method {method!r} lacks {missing}')
+    REGISTRY[method.NAME] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (tests)."""
+    REGISTRY.pop(name, None)
+
+
+for _m in (dense, vpns, hydra, random, omp, lth, snip, grasp, synflow, bip, vpns_with, post_prompt):
+    register(_m)
 
 
 def names() -> list[str]:
-    return sorted(METHODS)
+    """Registered method names, in registration order."""
+    return list(REGISTRY)
 
 
-def get(name: str) -> ModuleType:
-    """The recipe module of `name`; unknown names raise ConfigError listing the known ones."""
-    if name not in METHODS:
-        raise ConfigError(f'unknown method {name!r}; known: {", ".join(names())}.')
-    return METHODS[name]
+def get(name: str) -> Any:
+    """The method `name`; unknown names raise ConfigError listing the known ones."""
+    if name not in REGISTRY:
+        raise ConfigError(f'unknown method {name!r} in config.methods; known: {", ".join(names())}.')
+    return REGISTRY[name]
 
 
-def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
-    """The method's Config with `overrides` (unknown fields raise ConfigError naming them)."""
-    cls = get(name).Config
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ConfigError(f'method {name!r} has no option(s) {unknown}; known: {sorted(fields)}.')
-    return cls(**dict(overrides or {}))
+def default_configs() -> dict[str, mlc.ConfigDict]:
+    """``{name: its default config subtree}`` of every registered method."""
+    return {name: m.default_config() for name, m in REGISTRY.items()}
 
 
-def stages(name: str, overrides: Mapping[str, Any] | None = None) -> list[Stage]:
-    """Shortcut: ``get(name).recipe(make_config(name, overrides))``."""
-    return get(name).recipe(make_config(name, overrides))
+def runs(config: mlc.ConfigDict, name: str) -> list[Run]:
+    """The runs of method `name` under `config` (its options validated)."""
+    method = get(name)
+    if name not in config:
+        raise ConfigError(f'config has no subtree config.{name} for method {name!r}; build the config '
+                          'with vpns_jax.config.default_config() after registering the method.')
+    return list(method.plan(config))
 
 
-__all__ = ['METHODS', 'get', 'make_config', 'names', 'stages']
+def mask_source(config: mlc.ConfigDict, name: str, sparsity: float) -> Any:
+    """How method `name` makes its mask at `sparsity` (for methods built on another's mask)."""
+    method = get(name)
+    if not hasattr(method, 'mask_source'):
+        raise ConfigError(f'method {name!r} cannot provide a mask to another method.')
+    return method.mask_source(config, sparsity)
+
+
+def levels(config: mlc.ConfigDict, name: str) -> tuple[float, ...]:
+    """The sparsities method `name` runs at (its own series, or config.sparsities)."""
+    method = get(name)
+    if hasattr(method, 'levels'):
+        return tuple(method.levels(config))
+    return tuple(float(s) for s in config.sparsities)
+
+
+__all__ = ['REGISTRY', 'default_configs', 'get', 'levels', 'mask_source', 'names', 'register',
+           'runs', 'unregister']

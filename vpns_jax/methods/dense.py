@@ -1,40 +1,32 @@
-"""Dense fine-tuning (reference point; step 1 of OMP/LTH): SGD on all params, no scores/prompt.
+"""Dense fine-tuning: the reference point, and the shared first step of OMP, LTH and the pilot.
 
 Reference §5.0: SGD(0.01, momentum 0.9, L2 1e-4), cosine per epoch, one un-prompted pass on the
-augmented batch per iteration, 120 epochs in the research scripts.
+augmented batch per iteration, 120 epochs, label mapping of the pretrained network.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+import ml_collections as mlc
 
-from vpns_jax.train.stages import UNPROMPTED, Stage, make_group_optimizer
+from vpns_jax.methods.plan import LabelMap, Options, Run, train_block
+from vpns_jax.train.stages import UNPROMPTED, Stage
 
 NAME = 'dense'
-USES_PROMPT = False
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Dense fine-tuning hyperparameters."""
-
-    epochs: int = 120
-    weight_optimizer: str = 'sgd'
-    weight_lr: float = 0.01
-    weight_momentum: float = 0.9
-    weight_weight_decay: float = 1e-4
-    schedule: str = 'cosine'
+def default_config() -> mlc.ConfigDict:
+    return train_block(120, 'sgd', 0.01)
 
 
-def init_scores(params: Any) -> dict:
-    """No scores: the dense method has no mask."""
-    del params
-    return {}
+def finetune_stage(config: mlc.ConfigDict) -> Stage:
+    """The dense fine-tune (one stage; its result is shared by every run that starts with it)."""
+    opts = Options.of(config, NAME)
+    return Stage('finetune', opts.integer('epochs'), params=opts.optimizer(), passes=UNPROMPTED,
+                 mask_mode='none', start=(LabelMap(),))
 
 
-def recipe(config: Config) -> list[Stage]:
-    """[finetune] stage."""
-    c = config
-    weights = make_group_optimizer(c.weight_optimizer, c.weight_lr, momentum=c.weight_momentum,
-                                   weight_decay=c.weight_weight_decay, schedule=c.schedule)
-    return [Stage('finetune', c.epochs, params=weights, passes=UNPROMPTED, mask_mode='none')]
+def plan(config: mlc.ConfigDict) -> list[Run]:
+    return [Run(NAME, 0.0, (finetune_stage(config),))]
+
+
+def research(dataset: str) -> dict:
+    return {'optimizer': 'adam', 'lr': 1e-3} if dataset == 'stanford_cars' else {}

@@ -1,44 +1,72 @@
 """HYDRA as compared in VPNs (reference §5.8): VPNs' machinery without the prompt.
 
-One un-prompted pass on the augmented batch per iteration; 60 mask-finding + 60 tuning epochs;
-global threshold (original HYDRA: threshold_scope='layer'). Score optimizer default = the
-comparison's research scripts: SGD(0.01, momentum 0.9, L2 1e-4); the paper's reading (Adam 1e-4) is
-``Config(score_optimizer='adam', score_lr=1e-4)``. Tuning: SGD(0.01, momentum 0.9, L2 1e-4),
-cosine.
+Scaled score init, one un-prompted pass on the augmented batch per iteration, 60 mask-finding + 60
+tuning epochs, global threshold (original HYDRA: `threshold='layer'`). Score optimizer default = the
+comparison's research scripts, SGD(0.01, momentum 0.9, L2 1e-4); the paper's reading is
+`--config.hydra.mask_finding.optimizer=adam --config.hydra.mask_finding.lr=1e-4`.
 """
 from __future__ import annotations
 
-import dataclasses
+import ml_collections as mlc
 
-from vpns_jax.methods import learned_mask
-from vpns_jax.train.stages import Stage
+from vpns_jax.methods.plan import (
+    InitPrompt,
+    InitScores,
+    LabelMap,
+    MaskFrom,
+    MaskSource,
+    Options,
+    Run,
+    sparsity_levels,
+    train_block,
+    tuning_stage,
+)
+from vpns_jax.train.stages import FROZEN, UNPROMPTED, GroupOptimizer, Pass, Stage
 
 NAME = 'hydra'
-USES_PROMPT = False
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """HYDRA hyperparameters (defaults: the VPNs comparison scripts)."""
-
-    density: float = 0.5
-    mask_finding_epochs: int = 60
-    tuning_epochs: int = 60
-    score_optimizer: str = 'sgd'
-    score_lr: float = 0.01
-    score_momentum: float = 0.9
-    score_weight_decay: float = 1e-4
-    weight_optimizer: str = 'sgd'
-    weight_lr: float = 0.01
-    weight_momentum: float = 0.9
-    weight_weight_decay: float = 1e-4
-    schedule: str = 'cosine'
-    threshold_scope: str = 'global'
+def default_config() -> mlc.ConfigDict:
+    return mlc.ConfigDict({
+        'mask_finding': train_block(60, 'sgd', 0.01),
+        'tuning': train_block(60, 'sgd', 0.01),
+        'threshold': 'global',
+    })
 
 
-init_scores = learned_mask.init_scores
+def mask_finding_stage(opts: Options, density: float, *, passes: tuple[Pass, ...] = UNPROMPTED,
+                       prompt: GroupOptimizer = FROZEN) -> Stage:
+    """Scores learn (weights frozen) from the scaled init; FLM after the initial mask (§2)."""
+    prompted = any(p.prompted for p in passes)
+    start = (InitScores(),) + ((InitPrompt(),) if prompted else ()) + (LabelMap(prompted),)
+    return Stage('mask_finding', opts.epochs('mask_finding'), scores=opts.optimizer('mask_finding'),
+                 prompt=prompt, passes=passes, mask_mode='learned', density=density,
+                 threshold_scope=opts.one_of('threshold', ('global', 'layer')), start=start)
 
 
-def recipe(config: Config) -> list[Stage]:
-    """[mask_finding, tuning] stages of one sparsity level, one un-prompted pass per iteration."""
-    return learned_mask.mask_then_tune(config)
+def mask_then_tune(opts: Options, density: float, *, mask_finding_passes: tuple[Pass, ...],
+                   tuning_passes: tuple[Pass, ...], mask_finding_prompt: GroupOptimizer,
+                   tuning_prompt: GroupOptimizer) -> tuple[Stage, ...]:
+    """[mask_finding (scores learn), tuning (weights learn under the frozen learned mask)]."""
+    mf = mask_finding_stage(opts, density, passes=mask_finding_passes, prompt=mask_finding_prompt)
+    freeze = MaskFrom('scores', density, mf.threshold_scope)
+    return mf, tuning_stage(opts, 'tuning', start=(freeze,), passes=tuning_passes,
+                            prompt=tuning_prompt)
+
+
+def plan(config: mlc.ConfigDict) -> list[Run]:
+    opts = Options.of(config, NAME)
+    return [Run(NAME, s, mask_then_tune(opts, 1.0 - s, mask_finding_passes=UNPROMPTED,
+                                        tuning_passes=UNPROMPTED, mask_finding_prompt=FROZEN,
+                                        tuning_prompt=FROZEN)) for s in sparsity_levels(config)]
+
+
+def mask_source(config: mlc.ConfigDict, sparsity: float) -> MaskSource:
+    """HYDRA's mask: its mask-finding stage, then the learned scores' top-k."""
+    mf = mask_finding_stage(Options.of(config, NAME), 1.0 - sparsity)
+    return MaskSource((mf,), (MaskFrom('scores', 1.0 - sparsity, mf.threshold_scope),))
+
+
+def research(dataset: str) -> dict:
+    return {'mask_finding.optimizer': 'adam', 'mask_finding.lr': 1e-4} \
+        if dataset == 'stanford_cars' else {}

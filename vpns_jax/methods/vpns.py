@@ -1,97 +1,56 @@
-"""VPNs recipe: mask finding (scores + prompt, Adam) then subnetwork tuning (weights + prompt, SGD).
+"""VPNs: mask finding (scores + prompt, Adam) then subnetwork tuning (weights + prompt, SGD).
 
 Defaults are the released code (reference §4): 30 + 30 epochs; mask finding Adam(1e-4, L2 1e-4) on
-scores and on the prompt, weights/biases/BN affine frozen; tuning SGD(0.01, momentum 0.9, L2 1e-4)
-on weights, biases, BN affine and the prompt with the mask fixed; cosine per epoch; two passes per
-iteration (prompted non-augmented batch, then un-prompted augmented batch); global threshold; no
-prompt at test time.
+scores and prompt, weights/biases/BN affine frozen; tuning SGD(0.01, momentum 0.9, L2 1e-4) on weights,
+biases, BN affine and prompt with the mask fixed; cosine per epoch; two passes per iteration (prompted
+non-augmented batch, then un-prompted augmented batch); global threshold; label mapping once after the
+initial mask with the zero prompt; no prompt at test time. Switches: `passes='prompted_only'` (paper
+Eq. 5/6), `prompt_stages` (Fig. A11), `threshold='layer'` (original HYDRA), `at_test=True`.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+import ml_collections as mlc
 
-from vpns_jax.errors import ConfigError
-from vpns_jax.methods import learned_mask
-from vpns_jax.train.stages import (
-    FROZEN,
-    UNPROMPTED,
-    Stage,
-    make_group_optimizer,
-    passes_preset,
-)
+from vpns_jax.methods import hydra
+from vpns_jax.methods.plan import Options, Run, sparsity_levels, train_block
+from vpns_jax.train.stages import FROZEN, UNPROMPTED, passes_preset
 
 NAME = 'vpns'
-USES_PROMPT = True
-PROMPT_IN = ('both', 'mask_finding', 'tuning')
+PROMPT_STAGES = ('both', 'mask_finding', 'tuning')
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """VPNs hyperparameters. Prompt optimizer fields left None follow the stage's network optimizer
-    (scores in mask finding, weights in tuning), as the released scripts do.
-
-    passes: 'two' (released code) or 'prompted_only' (paper Eq. 5/6: one prompted pass per
-    iteration, on the augmented batch). prompt_in: stages that use the prompt; a stage without it
-    runs ONE un-prompted pass on the augmented batch per iteration (HYDRA-like). prompt_at_test:
-    evaluation switch (released code: False).
-    """
-
-    density: float = 0.5
-    mask_finding_epochs: int = 30
-    tuning_epochs: int = 30
-    score_optimizer: str = 'adam'
-    score_lr: float = 1e-4
-    score_momentum: float = 0.9
-    score_weight_decay: float = 1e-4
-    weight_optimizer: str = 'sgd'
-    weight_lr: float = 0.01
-    weight_momentum: float = 0.9
-    weight_weight_decay: float = 1e-4
-    prompt_mask_finding_optimizer: str | None = None
-    prompt_mask_finding_lr: float | None = None
-    prompt_mask_finding_weight_decay: float | None = None
-    prompt_mask_finding_schedule: str | None = None
-    prompt_tuning_optimizer: str | None = None
-    prompt_tuning_lr: float | None = None
-    prompt_tuning_weight_decay: float | None = None
-    schedule: str = 'cosine'
-    passes: str = 'two'
-    prompt_in: str = 'both'
-    threshold_scope: str = 'global'
-    prompt_at_test: bool = False
-
-    def __post_init__(self):
-        if self.prompt_in not in PROMPT_IN:
-            raise ConfigError(f'prompt_in={self.prompt_in!r}; use one of {PROMPT_IN}.')
-        if self.passes not in ('two', 'prompted_only'):
-            raise ConfigError(f"passes={self.passes!r}; use 'two' or 'prompted_only'.")
+def default_config() -> mlc.ConfigDict:
+    return mlc.ConfigDict({
+        'mask_finding': train_block(30, 'adam', 1e-4, prompt_lr=1e-4),
+        'tuning': train_block(30, 'sgd', 0.01, prompt_lr=0.01),
+        'passes': 'two',  # two (released) | prompted_only (paper Eq. 5/6)
+        'prompt_stages': 'both',  # both | mask_finding | tuning
+        'threshold': 'global',  # global (released) | layer (original HYDRA)
+        'at_test': False,  # the released code evaluates without the prompt
+    })
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def plan(config: mlc.ConfigDict) -> list[Run]:
+    opts = Options.of(config, NAME)
+    prompted = passes_preset(opts.one_of('passes', ('two', 'prompted_only')))
+    where = opts.one_of('prompt_stages', PROMPT_STAGES)
+    in_mf, in_tune = where in ('both', 'mask_finding'), where in ('both', 'tuning')
+    at_test = opts.flag('at_test')
+    return [Run(NAME, s, hydra.mask_then_tune(
+        opts, 1.0 - s, mask_finding_passes=prompted if in_mf else UNPROMPTED,
+        tuning_passes=prompted if in_tune else UNPROMPTED,
+        mask_finding_prompt=opts.prompt_optimizer('mask_finding') if in_mf else FROZEN,
+        tuning_prompt=opts.prompt_optimizer('tuning') if in_tune else FROZEN),
+        has_prompt=True, prompt_at_test=at_test) for s in sparsity_levels(config)]
 
 
-init_scores = learned_mask.init_scores
-
-
-def recipe(config: Config) -> list[Stage]:
-    """[mask_finding, tuning] stages of one sparsity level."""
-    c = config
-    prompt_mf = make_group_optimizer(
-        _or(c.prompt_mask_finding_optimizer, c.score_optimizer),
-        _or(c.prompt_mask_finding_lr, c.score_lr), momentum=c.score_momentum,
-        weight_decay=_or(c.prompt_mask_finding_weight_decay, c.score_weight_decay),
-        schedule=_or(c.prompt_mask_finding_schedule, c.schedule))
-    prompt_tune = make_group_optimizer(
-        _or(c.prompt_tuning_optimizer, c.weight_optimizer),
-        _or(c.prompt_tuning_lr, c.weight_lr), momentum=c.weight_momentum,
-        weight_decay=_or(c.prompt_tuning_weight_decay, c.weight_weight_decay), schedule=c.schedule)
-    prompted = passes_preset(c.passes)
-    mf_prompt = c.prompt_in in ('both', 'mask_finding')
-    tune_prompt = c.prompt_in in ('both', 'tuning')
-    return learned_mask.mask_then_tune(
-        c, mask_finding_passes=prompted if mf_prompt else UNPROMPTED,
-        tuning_passes=prompted if tune_prompt else UNPROMPTED,
-        mask_finding_prompt=prompt_mf if mf_prompt else FROZEN,
-        tuning_prompt=prompt_tune if tune_prompt else FROZEN)
+def research(dataset: str) -> dict:
+    """The authors' per-dataset scripts (reference §4.3)."""
+    adam = {'optimizer': 'adam', 'lr': 1e-3, 'prompt_lr': 1e-3}
+    table = {
+        'oxford_flowers102': {'tuning': adam, 'mask_finding': adam},
+        'stanford_cars': {'tuning': adam, 'mask_finding': adam},
+        'oxford_iiit_pet': {'mask_finding': {'optimizer': 'sgd', 'lr': 0.05, 'prompt_lr': 0.05}},
+    }
+    return {f'{stage}.{k}': v for stage, block in table.get(dataset, {}).items()
+            for k, v in block.items()}

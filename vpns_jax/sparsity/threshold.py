@@ -85,8 +85,23 @@ def _check_density(density: float) -> float:
 
 
 def num_pruned(n: int, density: float) -> int:
-    """k = floor((1 − density) · n): how many entries the threshold removes."""
-    return math.floor((1.0 - _check_density(density)) * n)
+    """k = floor((1 − density) · n): how many entries the threshold removes.
+
+    A guard of 1e-6 absorbs the representation error of ``1 − (1 − sparsity)`` (sparsity 0.7 of
+    1000 entries removes 700, not 699).
+    """
+    return math.floor((1.0 - _check_density(density)) * n + 1e-6)
+
+
+def threshold_for_count(scores: Mapping[str, jax.Array], k: int | jax.Array, *,
+                        radix_bits: int = 16) -> jax.Array:
+    """τ that removes the `k` smallest |s| over all of `scores`: the k-th smallest |s|, −1.0 when
+    k < 1 (everything kept). `k` may be a traced int32 scalar, so one compiled step serves every
+    density of a sweep."""
+    leaves = [jnp.abs(lax.stop_gradient(scores[p])) for p in sorted(scores)]
+    k = jnp.asarray(k, jnp.int32)
+    tau = kth_smallest(leaves, jnp.maximum(k, 1), radix_bits=radix_bits)
+    return jnp.where(k < 1, jnp.float32(-1.0), tau)
 
 
 def global_threshold(

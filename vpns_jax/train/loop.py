@@ -112,6 +112,7 @@ def run_stage(
     put_batch: Callable[[Batch], Batch] | None = None,
     step_hook: Callable[[StepEnd], None] | None = None,
     step_hook_every: int = 0,
+    step_fn: Callable | None = None,
 ) -> tuple[TrainState, StageResult]:
     """Run `stage` from (start_epoch, start_iteration) to its last epoch.
 
@@ -123,12 +124,14 @@ def run_stage(
     put_batch: optional host->device transfer (e.g. to a sharded global array).
     step_hook: called every `step_hook_every` iterations inside an epoch (not at its last
     iteration, where the epoch hooks run), e.g. a mid-epoch checkpoint.
+    step_fn: the jitted iteration (default `steps.make_train_step(stage, model, prompt_spec)`);
+    pass a shared one so that stages with the same `Stage.compute_key()` compile once.
     Returns the final state and the stage's bookkeeping.
     """
     missing = [v for v in stage.views if v not in loaders]
     if missing:
         raise ValueError(f'stage {stage.name!r} needs loaders for views {missing}.')
-    step_fn = steps.make_train_step(stage, model, prompt_spec)
+    step_fn = step_fn or steps.make_train_step(stage, model, prompt_spec)
     put = put_batch or (lambda b: b)
     iterations = 0
     images = 0

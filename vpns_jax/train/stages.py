@@ -16,7 +16,7 @@ OPTIMIZER_KINDS = ('adam', 'sgd', 'frozen')
 SCHEDULES = ('cosine', 'multistep', 'constant')
 MASK_MODES = ('learned', 'fixed', 'none')
 THRESHOLD_SCOPES = ('global', 'layer')
-VIEWS = ('prompt', 'train')
+VIEWS = ('prompt', 'train', 'train_b')
 
 
 def _check(value, allowed, field: str) -> None:
@@ -84,20 +84,48 @@ def make_group_optimizer(kind: str, lr: float, *, momentum: float = 0.9, weight_
     return sgd(lr, momentum, weight_decay, schedule)
 
 
+PASS_RULES = ('step', 'collect', 'bilevel')
+IMPLICIT_FORMS = ('port', 'algorithm')
+
+
 @dataclasses.dataclass(frozen=True)
 class Pass:
-    """One forward/backward pass with its own optimizer step.
+    """One forward/backward pass of an iteration.
 
     view: which loader's batch it consumes: 'prompt' (training split, test transform, no
-    augmentation) or 'train' (training split, augmented). prompted: whether the images go through
-    the visual prompt.
+    augmentation), 'train' (training split, augmented) or 'train_b' (a second, independently
+    shuffled augmented loader; BiP's lower level). prompted: whether the images go through the
+    visual prompt.
+    update: the groups this pass differentiates and steps (None = every trainable group of the
+    stage; the prompt only in a prompted pass).
+    rule: 'step' (one optimizer step of `update`), 'collect' (no step: the gradient of every group
+    of the state is kept for the next pass; BiP's "bilevel" backward) or 'bilevel' (the gradient of
+    `update` plus BiP's implicit term -bilevel_lr * (g ⊙ g_collected), then one step).
+    implicit: the implicit term's form: 'port' (the authors' code: the score gradient times the
+    collected score gradient, element by element) or 'algorithm' (BiP's Algorithm: the collected
+    gradient w.r.t. the weights, squared, aligned with each kernel's scores).
     """
 
     view: str
     prompted: bool
+    update: tuple[str, ...] | None = None
+    rule: str = 'step'
+    bilevel_lr: float = 0.0
+    implicit: str = 'port'
 
     def __post_init__(self):
         _check(self.view, VIEWS, 'pass view')
+        _check(self.rule, PASS_RULES, 'pass rule')
+        _check(self.implicit, IMPLICIT_FORMS, 'implicit form')
+        for g in self.update or ():
+            _check(g, GROUPS, 'pass update group')
+
+    def active_groups(self, trainable: tuple[str, ...]) -> tuple[str, ...]:
+        """The groups this pass steps, given the stage's trainable groups."""
+        if self.rule == 'collect':
+            return ()
+        groups = trainable if self.update is None else self.update
+        return tuple(g for g in GROUPS if g in groups and (g != 'prompt' or self.prompted))
 
 
 # The released code's iteration: prompted pass on the non-augmented batch, then un-prompted pass on
@@ -126,8 +154,15 @@ class Stage:
     scores before every pass, i.e. after every score step), 'fixed' (hard mask made once at the
     stage start and kept in the state; pruned weights are zeroed and receive no update) or 'none'
     (dense). density: fraction of prunable weights kept (1 - sparsity); used by 'learned' and to
-    derive a 'fixed' mask from scores. threshold_scope: 'global' (one tau over all scores, VPNs) or
+    derive a 'fixed' mask from scores; it is not part of the compiled step (`compute_key`): the
+    number of pruned scores travels in the state as a traced value, so stages that differ only in
+    density share one compiled step. threshold_scope: 'global' (one tau over all scores, VPNs) or
     'layer' (original HYDRA).
+    start: what happens when the stage begins, before its optimizer state is made (the method
+    layer's actions: make a mask from a criterion, rewind to the pretrained weights, label mapping,
+    ...); opaque to the training engine.
+    remap_every_epoch: re-run the frequency label mapping after every epoch (ILM / the pilot
+    study's prompt training).
     """
 
     name: str
@@ -139,6 +174,8 @@ class Stage:
     mask_mode: str = 'none'
     density: float = 1.0
     threshold_scope: str = 'global'
+    start: tuple = ()
+    remap_every_epoch: bool = False
 
     def __post_init__(self):
         _check(self.mask_mode, MASK_MODES, 'mask_mode')
@@ -156,6 +193,19 @@ class Stage:
                 f'(mask_mode={self.mask_mode!r}, scores={self.scores.kind!r}).')
         if self.prompt.trainable and not self.prompt_in_stage:
             raise ConfigError(f'stage {self.name!r}: the prompt trains but no pass is prompted.')
+        for i, p in enumerate(self.passes):
+            frozen = [g for g in p.update or () if not self.group(g).trainable]
+            if frozen:
+                raise ConfigError(f'stage {self.name!r}: pass {i} updates frozen group(s) {frozen}.')
+            if p.rule == 'bilevel' and (i == 0 or self.passes[i - 1].rule != 'collect'):
+                raise ConfigError(f"stage {self.name!r}: a 'bilevel' pass must follow a 'collect' "
+                                  'pass (its implicit term uses the collected gradients).')
+
+    def compute_key(self) -> Stage:
+        """This stage with everything the compiled step does not depend on neutralised (name,
+        epochs, density, start actions, re-mapping): equal keys share one jitted step."""
+        return dataclasses.replace(self, name='', epochs=0, density=1.0, start=(),
+                                   remap_every_epoch=False)
 
     def group(self, name: str) -> GroupOptimizer:
         _check(name, GROUPS, 'group')
@@ -177,5 +227,5 @@ class Stage:
 
     @property
     def steps_per_iteration(self) -> int:
-        """Optimizer steps per iteration (one per pass)."""
-        return len(self.passes)
+        """Optimizer steps per iteration (one per pass that steps; a 'collect' pass does not)."""
+        return sum(p.rule != 'collect' for p in self.passes)

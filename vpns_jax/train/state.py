@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -27,6 +28,8 @@ class TrainState:
     opt_state: the stage optimizer's state (`optim.make_optimizer`).
     step: i32[] iterations done in the current stage.
     rng: PRNG key; per-step keys are ``fold_in(rng, step)``.
+    pruned: how many scores a 'learned' stage's threshold removes, as traced i32[] values:
+    ``{GLOBAL: k}`` (one global threshold) or ``{path: k}`` (per layer); ``{}`` otherwise.
     """
 
     params: Tree
@@ -37,6 +40,7 @@ class TrainState:
     opt_state: optax.OptState
     step: jax.Array
     rng: jax.Array
+    pruned: dict[str, jax.Array] = struct.field(default_factory=dict)
 
     def trainables(self) -> dict[str, Tree]:
         """The tree the stage optimizer sees: ``{'params', 'scores', 'prompt'}``."""
@@ -78,24 +82,46 @@ def create_state(
     )
 
 
+GLOBAL = '*'  # key of the one global count in TrainState.pruned
+
+
+def pruned_counts(scores: Mapping[str, Any], density: float,
+                  scope: str = 'global') -> dict[str, np.ndarray]:
+    """Host i32 counts a threshold at `density` removes (`TrainState.pruned`): ``{GLOBAL: k}`` or,
+    for scope 'layer', ``{path: k}``."""
+    sizes = {p: int(np.prod(np.shape(s))) for p, s in scores.items()}
+    if scope == 'layer':
+        return {p: np.int32(sparsity.num_pruned(n, density)) for p, n in sizes.items()}
+    return {GLOBAL: np.int32(sparsity.num_pruned(sum(sizes.values()), density))}
+
+
+def masks_at(scores: Mapping[str, jax.Array], density: float,
+             scope: str = 'global') -> dict[str, jax.Array]:
+    """Bool masks |s| > tau keeping `density` of the scores (global or per-layer threshold)."""
+    counts = pruned_counts(scores, density, scope)
+    return frozen_masks({k: jnp.asarray(v) for k, v in counts.items()}, scores)
+
+
 def threshold(
-    stage: Stage, scores: Mapping[str, jax.Array]
+    pruned: Mapping[str, jax.Array], scores: Mapping[str, jax.Array]
 ) -> jax.Array | dict[str, jax.Array]:
-    """tau of the stage's scope: one f32 scalar (global) or ``{path: scalar}`` (layer); no grad."""
+    """tau removing `pruned` scores: one f32 scalar (global) or ``{path: scalar}`` (layer)."""
     scores = jax.lax.stop_gradient(dict(scores))
-    if stage.threshold_scope == 'layer':
-        return dict(sparsity.layerwise_thresholds(scores, stage.density))
-    return sparsity.global_threshold(scores, stage.density)
+    if GLOBAL in pruned:
+        return sparsity.threshold_for_count(scores, pruned[GLOBAL])
+    return {p: sparsity.threshold_for_count({p: s}, pruned[p]) for p, s in scores.items()}
 
 
-def learned_masks(stage: Stage, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def learned_masks(pruned: Mapping[str, jax.Array],
+                  scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Float masks with the straight-through gradient to the scores ('learned' stages)."""
-    return dict(sparsity.ste_masks(dict(scores), threshold(stage, scores)))
+    return dict(sparsity.ste_masks(dict(scores), threshold(pruned, scores)))
 
 
-def frozen_masks(stage: Stage, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Bool masks (no gradient) from the scores at the stage's density and threshold scope."""
-    return dict(sparsity.hard_masks(dict(scores), threshold(stage, scores)))
+def frozen_masks(pruned: Mapping[str, jax.Array],
+                 scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Bool masks (no gradient) |s| > tau for the `pruned` counts."""
+    return dict(sparsity.hard_masks(dict(scores), threshold(pruned, scores)))
 
 
 def zero_pruned(params: Tree, masks: Mapping[str, jax.Array]) -> Tree:
@@ -111,16 +137,19 @@ def begin_stage(
 
     Not called on resume: a restored state already holds the stage's optimizer state and step.
     """
+    pruned = {}
+    if stage.mask_mode == 'learned' or (stage.mask_mode == 'fixed' and masks is None):
+        if not state.scores:
+            raise ValueError(f'stage {stage.name!r} needs scores (or, fixed, a given mask).')
+        pruned = {k: jnp.asarray(v) for k, v in pruned_counts(
+            state.scores, stage.density, stage.threshold_scope).items()}
     if stage.mask_mode == 'fixed':
         if masks is None:
-            if not state.scores:
-                raise ValueError(
-                    f'stage {stage.name!r} needs a fixed mask: pass masks or have scores.')
-            masks = frozen_masks(stage, state.scores)
+            masks = frozen_masks(pruned, state.scores)
         masks = {p: jnp.asarray(m, bool) for p, m in masks.items()}
-        state = state.replace(params=zero_pruned(state.params, masks), masks=masks)
+        state = state.replace(params=zero_pruned(state.params, masks), masks=masks, pruned={})
     else:
-        state = state.replace(masks={})
+        state = state.replace(masks={}, pruned=pruned if stage.mask_mode == 'learned' else {})
     if stage.prompt.trainable and not state.prompt:
         raise ValueError(f'stage {stage.name!r} trains the prompt but the state has none.')
     if stage.scores.trainable and not state.scores:

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax.traverse_util import flatten_dict
 
 from vpns_jax import label_mapping, prompts
 from vpns_jax.train import optim
@@ -35,7 +36,7 @@ def current_masks(state: TrainState, stage: Stage) -> dict[str, jax.Array]:
     """Hard (bool) masks to evaluate with: the frozen mask of a 'fixed' stage, the current top-k
     of the scores in a 'learned' stage, none for a dense stage."""
     if stage.mask_mode == 'learned':
-        return frozen_masks(stage, state.scores)
+        return frozen_masks(state.pruned, state.scores)
     return dict(state.masks)
 
 
@@ -53,23 +54,30 @@ def head_logits(logits: jax.Array, label_map: jax.Array | None) -> jax.Array:
 
 
 def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
-               factors: Mapping[str, jax.Array], *, index: int, pass_: Pass, stage: Stage,
-               model: Any, prompt_spec: Any) -> tuple[TrainState, Metrics]:
-    """One pass: forward (BN in train mode), CE loss, gradient, one step of the active groups.
+              factors: Mapping[str, jax.Array], *, index: int, pass_: Pass, stage: Stage,
+              model: Any, prompt_spec: Any, collected: Mapping[str, Any] | None = None,
+              ) -> tuple[TrainState, Metrics, dict[str, Any] | None]:
+    """One pass: forward (BN in train mode), CE loss, gradient, and the pass's rule.
 
-    `index` is the pass's position in the iteration (it salts the RNG and names the metrics).
-    `train_step` chains the passes of a stage; call this directly only to instrument one pass.
+    'step': one optimizer step of the pass's groups. 'collect': no step; returns the gradient of
+    every group of the state (third output). 'bilevel': the gradient of the pass's groups plus
+    BiP's implicit term −bilevel_lr · (g ⊙ g_collected) (`collected` = the previous 'collect'
+    pass's gradients), then one step. `index` is the pass's position in the iteration (it salts the
+    RNG and names the metrics). `train_step` chains the passes of a stage.
     """
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), index)
     # The prompt gets no gradient and no update in an un-prompted pass (reference ambiguity 3).
-    active = tuple(g for g in stage.trainable_groups if g != 'prompt' or pass_.prompted)
+    active = pass_.active_groups(stage.trainable_groups)
     trainables = state.trainables()
     fixed = dict(state.masks)
+    # 'collect' differentiates everything the state has (BiP: "everything trainable").
+    wrt = tuple(g for g in GROUPS if trainables[g] and (g != 'prompt' or pass_.prompted)) \
+        if pass_.rule == 'collect' else active
 
     def loss_fn(diff):
         tr = {**trainables, **diff}
         if stage.mask_mode == 'learned':
-            masks = learned_masks(stage, tr['scores'])
+            masks = learned_masks(state.pruned, tr['scores'])
         else:
             masks = fixed
         params = zero_pruned(tr['params'], masks)
@@ -84,8 +92,16 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
         return loss, (updated['batch_stats'], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        {g: trainables[g] for g in active})
-    grads = {g: grads[g] if g in grads else jax.tree.map(jnp.zeros_like, trainables[g])
+        {g: trainables[g] for g in wrt})
+    tag = f'pass{index}'
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
+    metrics = {f'{tag}/loss': loss, f'{tag}/accuracy': accuracy}
+    if pass_.rule == 'collect':
+        return state.replace(batch_stats=batch_stats), metrics, grads
+    if pass_.rule == 'bilevel':
+        grads = _with_implicit_term(grads, collected or {}, pass_, active)
+    grads = {g: grads[g] if g in grads and g in active else jax.tree.map(jnp.zeros_like,
+                                                                            trainables[g])
              for g in GROUPS}
     if fixed:  # pruned weights get no gradient, hence no weight decay and no momentum
         grads['params'] = zero_pruned(grads['params'], fixed)
@@ -95,9 +111,30 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
         new['params'] = zero_pruned(new['params'], fixed)
     state = state.replace(params=new['params'], scores=new['scores'], prompt=new['prompt'],
                           batch_stats=batch_stats, opt_state=opt_state)
-    tag = f'pass{index}'
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
-    return state, {f'{tag}/loss': loss, f'{tag}/accuracy': accuracy}
+    return state, metrics, None
+
+
+def _with_implicit_term(grads: dict[str, Any], collected: Mapping[str, Any], pass_: Pass,
+                        active: tuple[str, ...]) -> dict[str, Any]:
+    """BiP's upper-level gradient: g − bilevel_lr · (G ⊙ G_collected) for every active group.
+
+    'port' (the authors' code, BiP issue #3): G = this pass's gradient of the same parameter.
+    'algorithm' (BiP's Algorithm): G ⊙ G_collected is the collected gradient w.r.t. the weights,
+    squared, aligned with each kernel's scores (same shape, same path).
+    """
+    out = dict(grads)
+    lr = pass_.bilevel_lr
+    for g in active:
+        if pass_.implicit == 'port':
+            term = jax.tree.map(jnp.multiply, grads[g], collected[g]) if g in collected else None
+        elif g == 'scores':
+            weight_grads = flatten_dict(collected['params'], sep='/')
+            term = {p: jnp.square(weight_grads[p]) for p in grads[g]}
+        else:
+            term = None
+        if term is not None:
+            out[g] = jax.tree.map(lambda a, t: a - lr * t, grads[g], term)
+    return out
 
 
 def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.Array | None,
@@ -111,9 +148,12 @@ def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.A
     scalar metrics.
     """
     metrics: Metrics = {}
+    collected = None
     for index, pass_ in enumerate(stage.passes):
-        state, m = pass_step(state, batches[pass_.view], label_map, factors, index=index,
-                              pass_=pass_, stage=stage, model=model, prompt_spec=prompt_spec)
+        state, m, grads = pass_step(state, batches[pass_.view], label_map, factors, index=index,
+                                    pass_=pass_, stage=stage, model=model,
+                                    prompt_spec=prompt_spec, collected=collected)
+        collected = grads if grads is not None else collected
         metrics.update(m)
     return state.replace(step=state.step + 1), metrics
 

@@ -1,0 +1,361 @@
+"""Runs a method's chains of stages, computing each distinct stage once per workdir.
+
+Every stage of a run has a content key: a hash of the experiment's data/model fields and of every
+stage of the chain up to it (its optimizers, passes, density, start actions). Its checkpoints live
+in `WORKDIR/stages/<key>/`: one after its start actions (mask, rewind, label mapping), one after every
+epoch (and every `checkpoint_every_steps` iterations). A run walks its chain, restores the deepest
+finished stage, and runs the rest, so OMP and LTH at every sparsity share one dense fine-tune, LTH's
+round r + 1 starts from round r, and an interrupted run resumes inside the stage it was in.
+
+Jitted steps are shared through `StepCache` by every stage with the same `Stage.compute_key()`: the
+density travels in the state (`TrainState.pruned`), so a sweep compiles each kind of step once.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from vpns_jax import checkpoint, data, prompts, sparsity, train
+from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
+from vpns_jax.sparsity import criteria
+from vpns_jax.train import state as train_state
+from vpns_jax.train import steps
+from vpns_jax.train.stages import Stage
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiled steps, shared across stages
+
+
+class StepCache:
+    """Jitted train / eval / source-prediction functions keyed by `Stage.compute_key()`.
+
+    `compiles` counts traces (each is one XLA compilation, or one load from the persistent
+    compilation cache) per kind of function.
+    """
+
+    def __init__(self, model: Any, prompt_spec: prompts.PromptSpec):
+        self.model, self.prompt_spec = model, prompt_spec
+        self._fns: dict[Any, Callable] = {}
+        self.compiles: collections.Counter = collections.Counter()
+
+    def _get(self, kind: str, stage: Stage, body: Callable, **jit_kwargs: Any) -> Callable:
+        key = (kind, stage.compute_key())
+        if key not in self._fns:
+            def counted(*args, _kind=kind):
+                self.compiles[_kind] += 1  # runs once per trace
+                return body(*args)
+
+            self._fns[key] = jax.jit(counted, **jit_kwargs)
+        return self._fns[key]
+
+    def train(self, stage: Stage) -> Callable:
+        fn = functools.partial(steps.train_step, stage=stage.compute_key(), model=self.model,
+                               prompt_spec=self.prompt_spec)
+        return self._get('train_step', stage, fn, donate_argnums=0)
+
+    def eval(self, stage: Stage, *, prompted: bool) -> Callable:
+        fn = functools.partial(steps.eval_step, stage=stage.compute_key(), model=self.model,
+                               prompt_spec=self.prompt_spec, prompted=prompted)
+        return self._get(f'eval_step{"_prompted" if prompted else ""}', stage, fn)
+
+    def predict(self, stage: Stage, *, prompted: bool) -> Callable:
+        fn = functools.partial(steps.source_predictions, stage=stage.compute_key(),
+                               model=self.model, prompt_spec=self.prompt_spec, prompted=prompted)
+        return self._get(f'source_predictions{"_prompted" if prompted else ""}', stage, fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the runner needs from the experiment
+
+
+@dataclasses.dataclass
+class Env:
+    """The experiment's shared pieces the runner uses (built by `experiment.setup`)."""
+
+    config: Any
+    workdir: str
+    base_key: str
+    model: Any
+    initial: dict[str, Any]  # pretrained variables (+ a fresh head with label_mapping=new_head)
+    prompt_spec: prompts.PromptSpec
+    loaders: dict[str, Any]
+    num_source: int
+    num_target: int
+    put: Callable[[Mapping[str, Any]], dict[str, jax.Array]]
+    replicate: Callable[[Any], Any]
+    # epoch -> the training split once, augmented, padded eval-style batches with 'mask'
+    label_map_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
+    steps: StepCache
+    primary: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders['train'])
+
+
+def stage_keys(base_key: str, stages: tuple[Stage, ...]) -> list[str]:
+    """Content keys of a chain: key_i = H(key_{i-1}, repr(stage_i)) (frozen dataclasses)."""
+    keys, previous = [], base_key
+    for stage in stages:
+        previous = hashlib.sha256(f'{previous}|{stage!r}'.encode()).hexdigest()[:20]
+        keys.append(previous)
+    return keys
+
+
+def stage_rng(seed: int, key: str) -> jax.Array:
+    """The stage's PRNG key: a real hash of (seed, the chain up to it), so every (method, sparsity,
+    round) gets its own stream and a shared stage gets the same one whoever runs it."""
+    digest = int(hashlib.sha256(f'{seed}|{key}'.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+    return jax.random.fold_in(jax.random.PRNGKey(seed), digest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage-start actions
+
+
+def _prunable_template(params: Any) -> dict[str, Any]:
+    flat = sparsity.flatten_params(params)
+    return {p: flat[p] for p in sparsity.prunable_paths(params)}
+
+
+def _real_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    for b in batches:
+        valid = np.asarray(b['mask'], bool)
+        yield {'image': np.asarray(b['image'])[valid], 'label': np.asarray(b['label'])[valid]}
+
+
+def _criterion_batches(env: Env, name: str, options: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """Training examples (augmented, as the reference's train loader) for a data-driven criterion:
+    per-class samples for GraSP, one batch otherwise."""
+    examples = _real_rows(env.label_map_batches(0))
+    if name == 'grasp':
+        per_class = options.pop('samples_per_class', 0) or None
+        return [criteria.grasp_batch(examples, env.num_target, per_class)]
+    return [next(iter(examples))]
+
+
+def _mask_from(env: Env, action: MaskFrom, state: train.TrainState, current: dict | None,
+               rng: jax.Array) -> dict[str, jax.Array]:
+    """The bool masks an action asks for, on the current (unmasked-at-rest) state."""
+    if action.criterion == 'scores':
+        return train_state.masks_at(state.scores, action.density, action.scope)
+    options = dict(action.options)
+    density = action.density
+    if action.within_current and current:
+        survivors = sum(int(np.count_nonzero(m)) for m in jax.device_get(current).values())
+        total = sum(int(np.size(m)) for m in current.values())
+        kept = survivors - round((1.0 - action.density) * survivors)  # torch's amount rounding
+        density = kept / total
+        options['within'] = current
+    batches = [] if action.criterion in ('magnitude', 'random') else _criterion_batches(
+        env, action.criterion, options)
+    params = train_state.zero_pruned(state.params, current or {})
+    return criteria.get(action.criterion)(params, state.batch_stats, env.model, batches, rng,
+                                          density, action.scope, **options)
+
+
+def begin(env: Env, stage: Stage, state: train.TrainState, rng: jax.Array,
+          label_map: np.ndarray | None) -> tuple[train.TrainState, np.ndarray | None]:
+    """Run `stage.start` on `state`, make the stage's optimizer state, then the label mapping."""
+    masks = None
+    current = dict(state.masks) or None
+    remap = None
+    for index, action in enumerate(stage.start):
+        if isinstance(action, InitScores):
+            state = state.replace(scores=sparsity.scaled_score_init(state.params))
+        elif isinstance(action, InitPrompt):
+            state = state.replace(prompt=prompts.init_prompt(env.prompt_spec))
+        elif isinstance(action, MaskFrom):
+            masks = _mask_from(env, action, state, current, jax.random.fold_in(rng, index))
+            current = masks
+        elif isinstance(action, Rewind):  # copies: the train steps donate the state's buffers
+            fresh = train.create_state(env.initial, rng=rng)
+            state = state.replace(params=fresh.params, batch_stats=fresh.batch_stats)
+        elif isinstance(action, LabelMap):
+            remap = action
+        else:
+            raise TypeError(f'stage {stage.name!r}: unknown start action {action!r}')
+    if stage.prompt_in_stage and not state.prompt:
+        state = state.replace(prompt=prompts.init_prompt(env.prompt_spec))
+    if stage.mask_mode == 'fixed' and masks is None:
+        masks = current  # the previous stage's mask (None: from the scores)
+    state = train.begin_stage(stage, state.replace(rng=rng), masks if stage.mask_mode == 'fixed'
+                              else None)
+    state = env.replicate(state)
+    if remap is not None:
+        label_map = flm(env, state, stage, prompted=remap.prompted)
+    return state, label_map
+
+
+def template(env: Env, stages: tuple[Stage, ...], upto: int, fresh: train.TrainState) -> Any:
+    """Shapes and dtypes of the state at stage `upto` (for restoring it), without running any
+    criterion or data: the same structural steps as `begin`, under `jax.eval_shape`."""
+
+    def structure(state: train.TrainState) -> train.TrainState:
+        for stage in stages[:upto + 1]:
+            masks = dict(state.masks) or None
+            for action in stage.start:
+                if isinstance(action, InitScores):
+                    state = state.replace(scores=sparsity.scaled_score_init(state.params))
+                elif isinstance(action, InitPrompt):
+                    state = state.replace(prompt=prompts.init_prompt(env.prompt_spec))
+                elif isinstance(action, MaskFrom):
+                    masks = {p: jnp.ones(jnp.shape(w), bool)
+                             for p, w in _prunable_template(state.params).items()}
+            if stage.prompt_in_stage and not state.prompt:
+                state = state.replace(prompt=prompts.init_prompt(env.prompt_spec))
+            state = train.begin_stage(stage, state, masks if stage.mask_mode == 'fixed' else None)
+        return state
+
+    return jax.eval_shape(structure, fresh)
+
+
+def flm(env: Env, state: train.TrainState, stage: Stage, *, prompted: bool,
+        epoch: int = 0) -> np.ndarray | None:
+    """Frequency label mapping over the augmented training split (eval mode, current mask)."""
+    if env.config.label_mapping == 'new_head':
+        return None
+    predict = env.steps.predict(stage, prompted=prompted)
+    return train.flm_label_map(predict, state, env.label_map_batches(epoch), env.num_source,
+                               env.num_target, env.put)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running a chain
+
+
+@dataclasses.dataclass
+class ChainEnd:
+    """A finished run's chain: final state, label mapping, the last stage, and its cost."""
+
+    state: train.TrainState
+    label_map: np.ndarray | None
+    stage: Stage
+    seconds: float
+    gradient_steps: int
+    epochs: list[int]
+
+
+def _meta(progress: dict[str, Any]) -> dict[str, Any]:
+    lm = progress['label_map']
+    return {**progress, 'label_map': None if lm is None else np.asarray(lm).tolist()}
+
+
+def _label_map(lm: Any) -> np.ndarray | None:
+    return None if lm is None else np.asarray(lm, np.int32)
+
+
+def _done(ckpt: checkpoint.RunCheckpointer, stage: Stage) -> dict[str, Any] | None:
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(latest)
+    return meta if meta.get('epoch') == stage.epochs and meta.get('iteration') == 0 else None
+
+
+def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
+    """Run `run.stages` from `fresh` (the pretrained state), reusing finished stages."""
+    keys = stage_keys(env.base_key, run.stages)
+    dirs = [os.path.join(env.workdir, 'stages', k) for k in keys]
+    state, label_map, seconds, first = fresh, None, 0.0, 0
+    for i in reversed(range(len(run.stages))):
+        if not os.path.isdir(dirs[i]):
+            continue
+        with checkpoint.RunCheckpointer(dirs[i]) as ckpt:
+            meta = _done(ckpt, run.stages[i])
+            if meta is None:
+                continue
+            state, meta = ckpt.restore(ckpt.latest_step(),
+                                       abstract_state=template(env, run.stages, i, fresh))
+        state, label_map = env.replicate(state), _label_map(meta['label_map'])
+        seconds, first = float(meta['chain_seconds']), i + 1
+        logging.info('%s: stage %d/%d (%s) is done already (%s), reusing it', run.name, i + 1,
+                     len(run.stages), run.stages[i].name, keys[i])
+        break
+    for i in range(first, len(run.stages)):
+        state, label_map, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
+                                               seconds, fresh)
+    spe = env.steps_per_epoch
+    return ChainEnd(state=state, label_map=label_map, stage=run.stages[-1], seconds=seconds,
+                    gradient_steps=sum(s.epochs * spe * s.steps_per_iteration for s in run.stages),
+                    epochs=[s.epochs for s in run.stages])
+
+
+def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: train.TrainState,
+               label_map: np.ndarray | None, seconds_before: float,
+               fresh: train.TrainState) -> tuple[train.TrainState, np.ndarray | None, float]:
+    config, stage = env.config, run.stages[i]
+    spe = env.steps_per_epoch
+    ckpt = checkpoint.RunCheckpointer(directory)
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, meta = ckpt.restore(latest, abstract_state=template(env, run.stages, i, fresh))
+            state, progress = env.replicate(state), dict(meta)
+            progress['label_map'] = _label_map(progress['label_map'])
+            logging.info('%s: resuming stage %s at epoch %d, iteration %d', run.name, stage.name,
+                         progress['epoch'] + 1, progress['iteration'])
+        else:
+            started = time.perf_counter()
+            logging.info('%s: stage %d/%d %s (%d epochs; %s)', run.name, i + 1, len(run.stages),
+                         stage.name, stage.epochs, key)
+            state, label_map = begin(env, stage, state, stage_rng(config.seed, key), label_map)
+            progress = {'stage': stage.name, 'epoch': 0, 'iteration': 0, 'label_map': label_map,
+                        'stage_seconds': time.perf_counter() - started}
+            progress['chain_seconds'] = seconds_before + progress['stage_seconds']
+            ckpt.save(0, state, _meta(progress))
+        if progress['epoch'] < stage.epochs:
+            state = _train(env, run, stage, state, ckpt, progress, seconds_before)
+        return state, progress['label_map'], float(progress['chain_seconds'])
+    finally:
+        ckpt.close()  # an interrupted run still finishes writing its last checkpoint
+
+
+def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
+           ckpt: checkpoint.RunCheckpointer, progress: dict[str, Any],
+           seconds_before: float) -> train.TrainState:
+    config, spe = env.config, env.steps_per_epoch
+    started, stage_before = time.perf_counter(), float(progress['stage_seconds'])
+
+    def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any) -> None:
+        stage_seconds = stage_before + time.perf_counter() - started
+        progress.update(epoch=epoch, iteration=iteration, label_map=_label_map(label_map),
+                        stage_seconds=stage_seconds, chain_seconds=seconds_before + stage_seconds)
+        ckpt.save(epoch * spe + iteration, state, _meta(progress))
+
+    def epoch_hook(end: train.EpochEnd) -> None:
+        epoch = end.epoch + 1
+        if env.primary:
+            with open(os.path.join(env.workdir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps({'run': run.name, 'stage': stage.name, 'epoch': epoch,
+                                    **end.metrics}) + '\n')
+        if epoch % config.checkpoint_every_epochs == 0 or epoch == stage.epochs:
+            save(end.state, epoch, 0, end.label_map)
+
+    hooks: list[Callable] = []
+    if stage.remap_every_epoch or config.label_mapping == 'ilm':
+        hooks.append(lambda end: flm(env, end.state, end.stage, prompted=end.stage.prompt_in_stage,
+                                     epoch=end.epoch + 1))
+    hooks.append(epoch_hook)
+    state, _ = train.run_stage(
+        stage, state, env.model, {v: env.loaders[v] for v in stage.views},
+        prompt_spec=env.prompt_spec, label_map=progress['label_map'], hooks=hooks,
+        start_epoch=progress['epoch'], start_iteration=progress['iteration'],
+        log_every=config.log_every_steps, put_batch=env.put,
+        step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map),
+        step_hook_every=config.checkpoint_every_steps, step_fn=env.steps.train(stage))
+    return state
