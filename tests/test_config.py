@@ -29,11 +29,23 @@ def _valid(**changes):
 def test_defaults_are_the_released_code():
     c = cfg.default_config()
     assert (c.input_size, c.prompt.output_size, c.prompt.pad_size, c.prompt.method) == (224, 224, 16, "pad")
-    assert (c.mask_finding.optimizer, c.mask_finding.lr, c.mask_finding.weight_decay) == ("adam", 1e-4, 1e-4)
-    assert (c.tuning.optimizer, c.tuning.lr, c.tuning.momentum) == ("sgd", 0.01, 0.9)
-    assert (c.mask_finding.epochs, c.tuning.epochs) == (30, 30)
+    v = c.vpns
+    assert (v.mask_finding.optimizer, v.mask_finding.lr, v.mask_finding.weight_decay) == ("adam", 1e-4, 1e-4)
+    assert (v.tuning.optimizer, v.tuning.lr, v.tuning.momentum) == ("sgd", 0.01, 0.9)
+    assert (v.mask_finding.epochs, v.tuning.epochs) == (30, 30)
+    assert v.passes == "two" and v.at_test is False and v.threshold == "global"
     assert (c.hydra.mask_finding.epochs, c.hydra.tuning.epochs) == (60, 60)
-    assert c.passes == "two" and c.prompt.at_test is False and c.threshold == "global"
+    assert (c.hydra.mask_finding.optimizer, c.hydra.mask_finding.lr) == ("sgd", 0.01)
+    # Baselines (reference §5.0-5.9): 120 fine-tuning epochs of SGD 0.01; BiP 60 joint epochs.
+    for name in ("dense",):
+        assert (c[name].epochs, c[name].optimizer, c[name].lr) == (120, "sgd", 0.01)
+    for name in ("random", "omp", "lth", "snip", "grasp", "synflow"):
+        assert (c[name].tuning.epochs, c[name].tuning.optimizer, c[name].tuning.lr) == (120, "sgd", 0.01)
+    assert (c.lth.rate, c.grasp.temperature, c.grasp.mask_mode, c.synflow.iterations) == (
+        0.2, 200.0, "ratios", 100)
+    assert (c.bip.epochs, c.bip.bilevel_lr, c.bip.scores.optimizer, c.bip.weights.optimizer) == (
+        60, 1e-4, "adam", "sgd")
+    assert c.vpns_with.at_test is True and c.vpns_with.tuning.epochs == 30
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
@@ -50,7 +62,11 @@ def test_paper_config_batch_sizes_and_research_overrides():
     assert cfg.paper_config("cifar100").batch_size == 256
     research = cfg.paper_config("stanford_cars", "hparams=research,arch=resnet50")
     assert research.arch == "resnet50"
-    assert (research.tuning.optimizer, research.tuning.lr) == ("adam", 1e-3)
+    assert (research.vpns.tuning.optimizer, research.vpns.tuning.lr) == ("adam", 1e-3)
+    assert (research.omp.tuning.optimizer, research.snip.tuning.lr) == ("adam", 1e-4)
+    assert research.hydra.mask_finding.optimizer == "adam"
+    assert cfg.paper_config("oxford_iiit_pet", "hparams=research").lth.tuning.lr == 1e-3
+    assert cfg.paper_config("oxford_iiit_pet").lth.tuning.lr == 0.01
     assert cfg.method_list(cfg.paper_config("dtd", "method=vpns+hydra+dense")) == ["dense", "vpns", "hydra"]
     local = cfg.paper_config("cifar10", "runlocal")
     assert local.steps_per_epoch == 2 and local.sparsities == (0.5,)
@@ -71,10 +87,16 @@ def test_unknown_config_argument_is_named():
     ({"input_size": 0}, "input_size"),
     ({"input_size": 256}, "input_size"),
     ({"label_mapping": "best"}, "label_mapping"),
-    ({"passes": "three"}, "passes"),
-    ({"tuning.optimizer": "rmsprop"}, "tuning.optimizer"),
-    ({"mask_finding.lr": -1.0}, "mask_finding.lr"),
-    ({"tuning.momentum": 1.5}, "tuning.momentum"),
+    ({"vpns.passes": "three"}, "vpns.passes"),
+    ({"vpns.tuning.optimizer": "rmsprop"}, "vpns.tuning.optimizer"),
+    ({"vpns.mask_finding.lr": -1.0}, "vpns.mask_finding.lr"),
+    ({"vpns.tuning.momentum": 1.5}, "vpns.tuning.momentum"),
+    ({"methods": "omp", "omp.scope": "row"}, "omp.scope"),
+    ({"methods": "grasp", "grasp.mask_mode": "best"}, "grasp.mask_mode"),
+    ({"methods": "random", "random.mode": "uniform"}, "random.mode"),
+    ({"methods": "bip", "bip.implicit": "exact"}, "bip.implicit"),
+    ({"methods": "vpns_with", "vpns_with.sources": ("omp", "snip")}, "vpns_with.sources"),
+    ({"methods": "lth", "lth.rate": 1.2}, "lth.rate"),
     ({"batch_size": 0}, "batch_size"),
     ({"weights": ""}, "weights"),
 ])

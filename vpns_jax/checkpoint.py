@@ -17,7 +17,9 @@ leaves by the tuple of path elements, so no key encoding is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -130,6 +132,18 @@ def _with_shardings(
     return jax.tree.map(one, abstract_state, shardings)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Hide orbax's WARNING lines for the duration (absl logs through the 'absl' logger)."""
+    logger = std_logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class RunCheckpointer:
     """Saves and restores a run's state pytree plus a JSON dict of progress info, one step per dir.
 
@@ -207,7 +221,8 @@ class RunCheckpointer:
         step = self._resolve_step(step)
         try:
             args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-            out = self._manager.restore(step, args=args)
+            with _quiet_orbax():  # orbax warns that the (deliberately skipped) state is not read
+                out = self._manager.restore(step, args=args)
             return dict(out[_META])
         except Exception as e:
             raise CheckpointError(

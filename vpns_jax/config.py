@@ -13,8 +13,8 @@ from typing import Any
 
 import ml_collections as mlc
 
-from vpns_jax.errors import ConfigError
 from vpns_jax import methods
+from vpns_jax.errors import ConfigError
 
 PROMPT_METHODS = ("pad", "fix", "random")
 LABEL_MAPPINGS = ("flm", "ilm", "new_head")
@@ -209,6 +209,13 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_epochs")
     _positive_int(config, "checkpoint_every_steps", allow_zero=True)
+    for m in chosen:  # each method validates its own options as it builds its runs
+        trains_prompt = any(stage.prompt.trainable for run in methods.runs(config, m)
+                            for stage in run.stages)
+        if trains_prompt and config.prompt.method == "pad" and config.prompt.pad_size == 0:
+            _fail("prompt.pad_size", 0, f"> 0: method {m!r} trains a visual prompt and a pad prompt "
+                  "of width 0 has nothing to train (or leave the prompted methods out of "
+                  "config.methods)")
     if config.proxy.dataset:
         if known_datasets is not None:
             _one_of(config, "proxy.dataset", known_datasets)

@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,8 +23,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vpns_jax import checkpoint, data, methods, models, parallel, prompts, report, runner, sparsity
-from vpns_jax import train
+from vpns_jax import checkpoint, data, methods, models, parallel, prompts, report, runner, sparsity, train
 from vpns_jax import config as config_lib
 from vpns_jax import weights as weights_lib
 from vpns_jax.errors import CheckpointError, ConfigError

@@ -88,9 +88,35 @@ def _last_user_message(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def unknown_field(argv: list[str]) -> str | None:
+    """A one-line message for the first `--config.a.b=v` that names no field of the config (e.g. an
+    option a method does not have), listing the fields that exist there."""
+    from ml_collections import ConfigDict
+
+    from vpns_jax import config as config_lib
+
+    defaults = config_lib.default_config()
+    for arg in argv:
+        found = re.match(r"--config\.([\w.]+)", arg)
+        if not found:
+            continue
+        parts, node = found.group(1).split("."), defaults
+        for i, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(["config", *parts[:i]])
+                known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "none"
+                return (f"{where} has no option {part!r} (from --config.{found.group(1)}); "
+                        f"its options: {known}.")
+            node = node[part]
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+        print(f"error: {unknown_field(argv) or e}", file=sys.stderr)
+        sys.exit(2)
     except flags.Error as e:
         cause = _user_error(e)
         text = str(cause if cause is not None else e)

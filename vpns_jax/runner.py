@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -28,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, data, prompts, sparsity, train
+from vpns_jax import checkpoint, prompts, sparsity, train
+from vpns_jax.errors import ConfigError
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
 from vpns_jax.train import state as train_state
 from vpns_jax.train import steps
 from vpns_jax.train.stages import Stage
-
 
 # ----------------------------------------------------------------------------------------------------
 # Compiled steps, shared across stages
@@ -144,7 +143,10 @@ def _criterion_batches(env: Env, name: str, options: dict[str, Any]) -> list[dic
     examples = _real_rows(env.label_map_batches(0))
     if name == 'grasp':
         per_class = options.pop('samples_per_class', 0) or None
-        return [criteria.grasp_batch(examples, env.num_target, per_class)]
+        try:
+            return [criteria.grasp_batch(examples, env.num_target, per_class)]
+        except ValueError as e:
+            raise ConfigError(f'config.grasp.samples_per_class: {e}') from e
     return [next(iter(examples))]
 
 
@@ -299,7 +301,6 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
                label_map: np.ndarray | None, seconds_before: float,
                fresh: train.TrainState) -> tuple[train.TrainState, np.ndarray | None, float]:
     config, stage = env.config, run.stages[i]
-    spe = env.steps_per_epoch
     ckpt = checkpoint.RunCheckpointer(directory)
     try:
         latest = ckpt.latest_step()

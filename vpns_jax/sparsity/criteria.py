@@ -105,6 +105,11 @@ def _top_k_global(
     return {p: masks[p] for p in paths}
 
 
+# One compiled program per set of shapes (nested inside an outer jit it is simply inlined); eager
+# op-by-op execution would compile dozens of small programs instead.
+_top_k_global_jit = jax.jit(_top_k_global)
+
+
 def top_k_masks(
     scores: Mapping[str, Array],
     n_keep: Count | Mapping[str, Count],
@@ -122,14 +127,14 @@ def top_k_masks(
     (`threshold.kth_smallest`) plus counts and cumulative sums, no sort.
     """
     if not isinstance(n_keep, Mapping):
-        return _top_k_global(scores, n_keep, eligible)
+        return _top_k_global_jit(dict(scores), n_keep, None if eligible is None else dict(eligible))
     missing = sorted(set(scores) - set(n_keep))
     if missing:
         raise KeyError(f"top_k_masks: no count for paths {missing[:5]}")
     masks = {}
     for p in sorted(scores):
         sub_eligible = None if eligible is None else {p: eligible[p]}
-        masks.update(_top_k_global({p: scores[p]}, n_keep[p], sub_eligible))
+        masks.update(_top_k_global_jit({p: scores[p]}, n_keep[p], sub_eligible))
     return masks
 
 
