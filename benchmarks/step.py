@@ -145,6 +145,7 @@ def make_data(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str, Any]:
     """Time the project's steps; returns {'seconds': {step: [..]}, 'compile_s': {...}, ...}."""
+    from vpns_jax import config as config_lib
     from vpns_jax import models, prompts, sparsity
     from vpns_jax.methods import dense as dense_method
     from vpns_jax.methods import vpns as vpns_method
@@ -163,8 +164,10 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         "prompt": {"image": jnp.asarray(data["x_vp"]), "label": jnp.asarray(data["y_vp"])},
         "train": {"image": jnp.asarray(data["x_train"]), "label": jnp.asarray(data["y_train"])},
     }
-    mask_finding, tuning = vpns_method.recipe(vpns_method.Config(density=args.density))
-    (finetune,) = dense_method.recipe(dense_method.Config())
+    base = config_lib.default_config()
+    base.sparsities = (1.0 - args.density,)
+    ((mask_finding, tuning),) = [r.stages for r in vpns_method.plan(base)]
+    ((finetune,),) = [r.stages for r in dense_method.plan(base)]
     rng = jax.random.key(args.seed + 1)
 
     seconds: dict[str, list[float]] = {}
@@ -192,7 +195,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
         st = state_lib.create_state(variables, rng=rng)
         run_train("dense", finetune, state_lib.begin_stage(finetune, st))
 
-    scores = vpns_method.init_scores(variables["params"])
+    scores = sparsity.scaled_score_init(variables["params"])
     st = state_lib.create_state(variables, rng=rng, scores=scores,
                                 prompt=prompts.init_prompt(spec))
     if "mask_finding" in args.steps:
@@ -212,7 +215,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
             args.warmup, args.repeats, call_stats.setdefault("eval", {}))
 
     thr = jax.jit(lambda s: sparsity.global_threshold(s, args.density))
-    scores = vpns_method.init_scores(variables["params"])
+    scores = sparsity.scaled_score_init(variables["params"])
     seconds["threshold"] = time_calls(lambda: thr(scores).block_until_ready(), 1, args.repeats)
     n_scores = int(sum(v.size for v in scores.values()))
     stats = jax.devices()[0].memory_stats() or {}

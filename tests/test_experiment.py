@@ -171,6 +171,10 @@ def test_export_runs_in_pytorch_with_the_same_accuracy(finished, tmp_path):
     (["--config.sparsities=(0.5,1.0)"], "config.sparsities"),
     (["--config.dataset=cifar11"], "config.dataset = 'cifar11'"),
     (["--config.weights=/nonexistent/resnet18.safetensors"], "/nonexistent/resnet18.safetensors"),
+    (["--config.omp.foo=1"], "config.omp has no option 'foo' (from --config.omp.foo); its options: scope,"),
+    (["--config.methods=omp,omp2"], "('omp2' is unknown)"),
+    (["--config.methods=lth", "--config.lth.rounds=0", "--config.sparsities=(0.5,)"],
+     "nearest rounds are 3 (0.4880) and 4 (0.5904)"),
 ])
 def test_cli_bad_input_is_one_clear_line(flags, message, tmp_path):
     cmd = [sys.executable, "-m", "vpns_jax.main", "--config", os.path.join(ROOT, "configs/cifar10.py"),

@@ -1,6 +1,7 @@
 """Method plans: defaults equal the reference sheet, switches, shared prefixes, the registry, errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from vpns_jax import config as config_lib
@@ -8,7 +9,7 @@ from vpns_jax import methods
 from vpns_jax.errors import ConfigError
 from vpns_jax.methods import dense, lth
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind
-from vpns_jax.runner import stage_keys
+from vpns_jax.runner import stage_keys, stage_rng
 from vpns_jax.train.stages import (
     FROZEN,
     PROMPTED_ONLY,
@@ -184,3 +185,13 @@ def test_bad_method_option_is_named(changes, message):
     method = next(iter(changes)).split('.')[0]
     with pytest.raises(ConfigError, match=message):
         config_lib.validate(cfg(methods=method, **changes))
+
+
+def test_every_run_gets_its_own_random_stream():
+    """A real hash of the chain (method, sparsity, round...), not a sum of character codes."""
+    a, b = runs('vpns', sparsities=(0.59, 0.95))
+    ka, kb = stage_keys('base', a.stages)[0], stage_keys('base', b.stages)[0]
+    assert ka != kb
+    assert not np.array_equal(np.asarray(stage_rng(7, ka)), np.asarray(stage_rng(7, kb)))
+    assert not np.array_equal(np.asarray(stage_rng(7, ka)), np.asarray(stage_rng(9, ka)))
+    np.testing.assert_array_equal(np.asarray(stage_rng(7, ka)), np.asarray(stage_rng(7, ka)))

@@ -348,11 +348,11 @@ def test_given_fixed_mask_zeroes_and_keeps_pruned_weights(setup):
 
 def test_vgg_trains_with_dropout_like_torch_train_mode():
     """The reference trains in model.train(): VGG's classifier dropout is active in every pass."""
-    from vpns_jax import methods, models, train
+    from vpns_jax import config, methods, models, train
 
     model = models.create('vgg16', 10, width=0.0625)
     variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0), 32))
-    (stage,) = methods.stages('dense', {'epochs': 1})
+    ((stage,),) = [r.stages for r in methods.runs(config.default_config(), 'dense')]
     batch = {'image': np.random.default_rng(0).random((8, 32, 32, 3), np.float32),
              'label': np.arange(8, dtype=np.int32) % 10}
     step = train.make_train_step(stage, model)
