@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from test_experiment import FASHION, small_config
 
-from vpns_jax import checkpoint, experiment, methods, sparsity
+from vpns_jax import checkpoint, experiment, methods, report, sparsity
 from vpns_jax import config as config_lib
+from vpns_jax.errors import ConfigError
 from vpns_jax.methods.plan import LabelMap, MaskFrom, Options, Run, run_id, train_block, tuning_stage
 from vpns_jax.sparsity import criteria
 from vpns_jax.train.stages import UNPROMPTED
@@ -166,3 +167,17 @@ def test_criteria_methods_bip_pilot_and_a_test_defined_method(weights, registere
     pilot = rows["vp_after_hydra"]
     assert pilot["accuracy"] == pilot["accuracy_with_prompt"]
     assert set(results["compiles"]) >= {"train_step", "eval_step", "eval_step_prompted"}
+
+
+def test_a_criterion_short_of_examples_is_one_clear_error(weights, tmp_path):
+    """GraSP asks for more images per class than the (capped) split has: the run stops at that
+    stage's start with the field and the fix named; finished rows stay in results.json."""
+    workdir = str(tmp_path / "w")
+    c = quick(weights, "random", (0.9,))
+    experiment.run(c, workdir)
+    c = c.copy_and_resolve_references()
+    c.methods, c.grasp.samples_per_class = "random,grasp", 1000
+    with pytest.raises(ConfigError, match=r"config\.grasp\.samples_per_class: .*1000 needed.*lower"):
+        experiment.run(c, workdir)
+    rows = report.load_results(workdir)["runs"]
+    assert [r["method"] for r in rows] == ["random"]

@@ -135,6 +135,16 @@ def test_resuming_under_another_config_is_refused(finished):
         experiment.run(config, workdir)
 
 
+def test_other_methods_options_may_change(finished):
+    """Only a run's own chain decides whether its row is current: another method's options can
+    change in the same workdir (its rows will be computed with them)."""
+    config, workdir, results = finished
+    config = config.copy_and_resolve_references()
+    config.omp.tuning.lr = 0.5
+    again = experiment.run(config, workdir)
+    assert again["runs"] == results["runs"]
+
+
 def test_export_runs_in_pytorch_with_the_same_accuracy(finished, tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file

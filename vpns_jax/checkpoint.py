@@ -216,6 +216,12 @@ class RunCheckpointer:
                 "check the disk space and permissions of the workdir"
             ) from e
 
+    def keep_latest_only(self) -> None:
+        """Delete every checkpoint but the newest (a finished stage keeps just its end state)."""
+        self.wait()
+        for step in self.all_steps()[:-1]:
+            self._manager.delete(step)
+
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON meta of checkpoint `step` (latest when None), without touching the arrays."""
         step = self._resolve_step(step)

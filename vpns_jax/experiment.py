@@ -55,6 +55,7 @@ class Context:
     primary: bool
     runs: list[Run]
     env: runner.Env | None = None
+    previous: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved config.json, all fields
 
     def put(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host batch (this process's rows) → global device arrays sharded over the data axis."""
@@ -68,30 +69,43 @@ class Context:
 # Set-up
 
 
-def config_fingerprint(config: mlc.ConfigDict) -> dict[str, Any]:
-    """The config fields that determine results (used to refuse resuming under another config)."""
+def config_fingerprint(config: mlc.ConfigDict, *, with_methods: bool = False) -> dict[str, Any]:
+    """The config fields that determine every run's results: data, model, weights, seed, label
+    mapping, prompt geometry; with `with_methods` also the method subtrees (whose effect on a run is
+    in its stage keys)."""
     d = json.loads(config.to_json_best_effort())
     for field in _NON_SEMANTIC:
         d.pop(field, None)
+    if not with_methods:
+        for name in methods.names():
+            d.pop(name, None)
     return d
 
 
-def _config_hash(config: mlc.ConfigDict) -> str:
-    blob = json.dumps(config_fingerprint(config), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    flat_a = traverse_util.flatten_dict(saved, sep=".")
+    flat_b = traverse_util.flatten_dict(current, sep=".")
+    differ = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+    return ", ".join(f"{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}" for k in differ[:5])
 
 
-def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) -> None:
+def _saved_config(workdir: str) -> mlc.ConfigDict | None:
     path = os.path.join(workdir, "config.json")
-    current = config_fingerprint(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = config_fingerprint(mlc.ConfigDict(json.load(f)))
-        flat_a = traverse_util.flatten_dict(saved, sep=".")
-        flat_b = traverse_util.flatten_dict(current, sep=".")
-        differ = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
-        if differ:
-            details = ", ".join(f"{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}" for k in differ[:5])
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return mlc.ConfigDict(json.load(f))
+
+
+def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) -> dict[str, Any]:
+    """Refuse a workdir whose runs used other data/model settings (every row depends on them); a
+    method's own options may change: its rows are then refused one by one (`run`). Returns the
+    saved config's fingerprint with the method subtrees (empty for a new workdir)."""
+    path = os.path.join(workdir, "config.json")
+    saved = _saved_config(workdir)
+    if saved is not None:
+        details = _differences(config_fingerprint(saved), config_fingerprint(config))
+        if details:
             raise CheckpointError(
                 f"{workdir} holds a run with a different config ({details}); resuming would mix "
                 "them. Use a new --workdir, or the saved config.json's values.")
@@ -99,6 +113,7 @@ def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) 
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    return {} if saved is None else config_fingerprint(saved, with_methods=True)
 
 
 def weights_path(config: mlc.ConfigDict, workdir: str) -> str:
@@ -128,7 +143,7 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     runs = plan(config)  # every method's options are checked here, before anything is written
     info = parallel.process_info()
     os.makedirs(workdir, exist_ok=True)
-    _check_or_write_config(config, workdir, info.is_primary)
+    previous = _check_or_write_config(config, workdir, info.is_primary)
     data_dir = config.data_dir or None
     manual_dir = config.manual_dir or None
     path = weights_path(config, workdir)
@@ -170,20 +185,21 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     ctx = Context(config=config, workdir=workdir, arch=arch, model=model, pretrained=variables,
                   weights_meta=meta, num_source=num_source, num_target=num_target, prompt_spec=spec,
                   mesh=mesh, loaders=loaders, eval_loader=eval_loader, primary=info.is_primary,
-                  runs=runs)
+                  runs=runs, previous=previous)
 
-    def train_split(epoch: int):
+    def train_split(epoch: int, sharded: bool = True):
         """The training split once, with the training augmentation (the reference's train loader
-        for label mapping and the data-driven criteria)."""
+        for label mapping and the data-driven criteria); unsharded: every process reads it all."""
         loader = data.eval_loader(config.dataset, split="train", augment_seed=config.seed + epoch,
                                   input_size=config.input_size, batch_size=eval_batch,
-                                  data_dir=data_dir, **shard)
+                                  data_dir=data_dir, **(shard if sharded else {}))
         return itertools.islice(loader, config.steps_per_epoch or None)
 
     ctx.env = runner.Env(config=config, workdir=workdir, base_key=base_key(config), model=model,
                          initial=_initial_variables(ctx), prompt_spec=spec, loaders=loaders,
                          num_source=num_source, num_target=num_target, put=ctx.put,
                          replicate=ctx.replicate, label_map_batches=train_split,
+                         criterion_batches=lambda: train_split(0, sharded=False),
                          steps=runner.StepCache(model, spec), primary=info.is_primary)
     return ctx
 
@@ -204,8 +220,6 @@ def base_key(config: mlc.ConfigDict) -> str:
     """Hash of what every stage's result depends on besides the stages themselves: data, model,
     weights, seed, label mapping, prompt geometry (the method subtrees are in the stage keys)."""
     d = config_fingerprint(config)
-    for name in methods.names():
-        d.pop(name, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -281,7 +295,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
         sparsity=run.sparsity, actual_sparsity=summary["total"]["sparsity"], accuracy=chosen,
         accuracy_with_prompt=with_prompt, accuracy_without_prompt=without,
         epochs=end.epochs, gradient_steps=end.gradient_steps,
-        seconds=end.seconds + time.perf_counter() - started)
+        seconds=end.seconds + time.perf_counter() - started,
+        prompt_at_test=run.prompt_at_test and with_prompt is not None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,14 +311,22 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         return evaluate_saved(ctx)
     results = report.load_results(workdir)
     for n, run in enumerate(ctx.runs, start=1):
-        if any(r["method"] == run.method and r["sparsity"] == run.sparsity and
-               r["seed"] == config.seed for r in results["runs"]):
+        key = runner.stage_keys(ctx.env.base_key, run.stages)[-1]
+        row = next((r for r in results["runs"] if r["method"] == run.method and
+                    r["sparsity"] == run.sparsity and r["seed"] == config.seed), None)
+        if row is not None and row.get("key") == key:
             logging.info("[%d/%d] %s: done already (results.json)", n, len(ctx.runs), run.name)
             continue
+        if row is not None:
+            now = config_fingerprint(config, with_methods=True)
+            details = _differences(ctx.previous, now) or "its method's options differ"
+            raise CheckpointError(
+                f"{workdir}/results.json has {run.name} from a different config ({details}); use a "
+                "new --workdir, or the saved config.json's values for that method.")
         logging.info("[%d/%d] %s on %s, %s (%d stages)", n, len(ctx.runs), run.method,
                      config.dataset, "dense" if run.sparsity == 0 else f"sparsity {run.sparsity:g}",
                      len(run.stages))
-        record = run_one(ctx, run)
+        record = {**run_one(ctx, run), "key": key}
         report.add_run(results, record)
         results["compiles"] = dict(ctx.env.steps.compiles)
         if ctx.primary:
@@ -323,6 +346,10 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
     table = report.format_table(results["runs"])
     print(f"\nResults ({ctx.arch} on {ctx.config.dataset}, {ctx.workdir}/results.json):\n{table}\n",
           flush=True)
+    if ctx.env is not None and ctx.env.steps.compiles:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(ctx.env.steps.compiles.items()))
+        print(f"Compiled this session (one per kind of stage, whatever the sparsity): {counts}",
+              flush=True)
     if ctx.config.plots:
         path = report.plot_accuracy(ctx.workdir, results)
         if path:

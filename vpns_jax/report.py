@@ -13,7 +13,7 @@ RESULTS_FILE = "results.json"
 def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: float,
                actual_sparsity: float, accuracy: float, accuracy_with_prompt: float | None,
                accuracy_without_prompt: float, epochs: list[int], gradient_steps: int,
-               seconds: float) -> dict[str, Any]:
+               seconds: float, prompt_at_test: bool = False) -> dict[str, Any]:
     """One row of `results.json` (accuracies as fractions in [0, 1]; `epochs` per stage of the run's
     chain, shared stages included; `gradient_steps` and `seconds` the whole chain's cost)."""
     return {
@@ -23,6 +23,7 @@ def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: flo
         "accuracy_with_prompt": None if accuracy_with_prompt is None else float(accuracy_with_prompt),
         "accuracy_without_prompt": float(accuracy_without_prompt),
         "epochs": [int(e) for e in epochs], "gradient_steps": int(gradient_steps), "seconds": float(seconds),
+        "prompt_at_test": bool(prompt_at_test),
     }
 
 
@@ -71,14 +72,17 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of the runs (accuracies in %)."""
+    """A plain-text table of the runs: accuracy (%) without and with the prompt; `*` marks the one a
+    method reports when that is the prompted one (VPNs w. X, the pilot)."""
     header = ("method", "sparsity", "actual", "acc %", "acc+VP %", "epochs", "steps", "time s")
     rows = [header]
     for r in sorted(runs, key=lambda r: (r["method"] != "dense", r["method"], r["sparsity"])):
         stages = r["epochs"].values() if isinstance(r["epochs"], dict) else r["epochs"]
         epochs = "+".join(str(v) for v in stages)
-        rows.append((r["method"], f"{r['sparsity']:.2f}", f"{r['actual_sparsity']:.4f}",
-                     _pct(r["accuracy"]), _pct(r["accuracy_with_prompt"]), epochs,
+        without = r.get("accuracy_without_prompt", r["accuracy"])
+        with_prompt = _pct(r["accuracy_with_prompt"]) + ("*" if r.get("prompt_at_test") else "")
+        rows.append((r["method"], f"{r['sparsity']:.3f}", f"{r['actual_sparsity']:.4f}",
+                     _pct(without), with_prompt, epochs,
                      str(r["gradient_steps"]), f"{r['seconds']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
@@ -96,8 +100,9 @@ def plot_accuracy(workdir: str, results: dict[str, Any]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for method in sorted({r["method"] for r in runs}):
+    names = sorted({r["method"] for r in runs})
+    fig, ax = plt.subplots(figsize=(5, 3.5) if len(names) <= 6 else (7, 4.5), dpi=120)
+    for method in names:
         pts = sorted((r["sparsity"], r["accuracy"]) for r in runs if r["method"] == method)
         ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=method)
     if results.get("dense"):
@@ -106,7 +111,7 @@ def plot_accuracy(workdir: str, results: dict[str, Any]) -> str | None:
     ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)",
            title=f"{first['arch']} on {first['dataset']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(names) > 6 else None, ncol=2 if len(names) > 8 else 1)
     fig.tight_layout()
     path = os.path.join(workdir, "accuracy_vs_sparsity.png")
     fig.savefig(path)

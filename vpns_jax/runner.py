@@ -98,6 +98,8 @@ class Env:
     replicate: Callable[[Any], Any]
     # epoch -> the training split once, augmented, padded eval-style batches with 'mask'
     label_map_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
+    # the same on every process (the criteria must agree on one mask): the whole augmented split
+    criterion_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
     steps: StepCache
     primary: bool = True
 
@@ -140,7 +142,7 @@ def _real_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, n
 def _criterion_batches(env: Env, name: str, options: dict[str, Any]) -> list[dict[str, np.ndarray]]:
     """Training examples (augmented, as the reference's train loader) for a data-driven criterion:
     per-class samples for GraSP, one batch otherwise."""
-    examples = _real_rows(env.label_map_batches(0))
+    examples = _real_rows(env.criterion_batches())
     if name == 'grasp':
         per_class = options.pop('samples_per_class', 0) or None
         try:
@@ -321,6 +323,7 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
             ckpt.save(0, state, _meta(progress))
         if progress['epoch'] < stage.epochs:
             state = _train(env, run, stage, state, ckpt, progress, seconds_before)
+        ckpt.keep_latest_only()  # the stage's end state is all a later run can reuse
         return state, progress['label_map'], float(progress['chain_seconds'])
     finally:
         ckpt.close()  # an interrupted run still finishes writing its last checkpoint

@@ -22,6 +22,7 @@ Score functions (`snip_scores`, `grasp_scores`, `synflow_scores`) take the model
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -410,8 +411,7 @@ def snip(
     can exceed num_kept by the number of such layers)."""
     _check_scope(scope)
     x, labels = _model_input(batches)
-    scores = jax.jit(lambda p, s, xx, yy: snip_scores(p, s, model, xx, yy))(
-        params, batch_stats, x, labels)
+    scores = _snip_scores_jit(params, batch_stats, model, x, labels)
     return _keep_nonempty(_keep_by_density(scores, density, scope), scores)
 
 
@@ -485,8 +485,7 @@ def grasp(
         raise ValueError(
             f"grasp: mask_mode={mask_mode!r}; allowed values are {', '.join(GRASP_MASK_MODES)}.")
     x, labels = _model_input(batches)
-    scores = jax.jit(lambda p, s, xx, yy: grasp_scores(p, s, model, xx, yy, temperature))(
-        params, batch_stats, x, labels)
+    scores = _grasp_scores_jit(params, batch_stats, model, x, labels, float(temperature))
     masks = _keep_by_density({p: -s for p, s in scores.items()}, density, scope)
     if mask_mode == "grasp":
         return masks
@@ -603,15 +602,26 @@ def synflow(
     kernels = _kernels(params)
     sizes = _sizes(kernels)
 
-    @jax.jit
-    def step(p: Mapping, s: Mapping | None, xx: Array, masks: Masks, n_keep: Any) -> Masks:
-        return top_k_masks(synflow_scores(p, s, model, xx, masks), n_keep, eligible=masks)
-
     masks = {p: jnp.ones(w.shape, bool) for p, w in kernels.items()}
     for e in range(1, iterations + 1):
         counts = keep_counts(sizes, density ** (e / iterations), scope)
-        masks = step(params, batch_stats, x, masks, jax.tree.map(jnp.int32, counts))
+        masks = _synflow_step(params, batch_stats, model, x, masks,
+                              jax.tree.map(jnp.int32, counts))
     return masks
+
+
+# Module-level jits with the (hashable) Flax module static: one compilation per model and input
+# shape for a whole sweep, whatever the density (counts are traced).
+_snip_scores_jit = jax.jit(snip_scores, static_argnums=2)
+_grasp_scores_jit = jax.jit(grasp_scores, static_argnums=(2, 5))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _synflow_step(params: Mapping, batch_stats: Mapping | None, model: Any, x: Array,
+                  masks: Masks, n_keep: Any) -> Masks:
+    """One SynFlow iteration: scores on the current mask, then its exact top-k."""
+    return top_k_masks(synflow_scores(params, batch_stats, model, x, masks), n_keep,
+                       eligible=masks)
 
 
 # ----------------------------------------------------------------------------------------------
