@@ -33,7 +33,7 @@ def _ours(stage: Stage, group: str, p0: np.ndarray, grads: list[np.ndarray]) -> 
     for g, f in zip(grads, EPOCH_FACTORS, strict=True):
         grad = jax.tree.map(jnp.zeros_like, tree)
         grad[group] = {'w': jnp.asarray(g)}
-        factors = {k: jnp.float32(f) for k in tree}
+        factors = {k: jnp.float32(stage.group(k).lr * f) for k in tree}  # the epoch's lr
         tree, state = optim.apply_updates(tx, grad, state, tree, active=(group,), factors=factors)
     return np.asarray(tree[group]['w'])
 
@@ -95,9 +95,10 @@ def test_multistep_equals_torch(epochs):
 def test_lr_factors_per_group_schedule():
     stage = Stage('mf', 10, scores=adam(1e-4), prompt=adam(1e-3, schedule='multistep'),
                   passes=TWO_PASSES, mask_mode='learned')
-    f = optim.lr_factors(stage, 5)
-    assert float(f['scores']) == pytest.approx((1 + np.cos(np.pi * 0.5)) / 2)
-    assert float(f['prompt']) == pytest.approx(0.1)
+    f = optim.lr_factors(stage, 5)  # the epoch's learning rate per group (base lr x schedule)
+    assert float(f['scores']) == pytest.approx(1e-4 * (1 + np.cos(np.pi * 0.5)) / 2)
+    assert float(f['prompt']) == pytest.approx(1e-3 * 0.1)
+    assert float(f['params']) == 0.0  # frozen
 
 
 def test_inactive_group_keeps_values_and_moments():

@@ -101,17 +101,23 @@ def plot_accuracy(workdir: str, results: dict[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
 
     names = sorted({r["method"] for r in runs})
-    fig, ax = plt.subplots(figsize=(5, 3.5) if len(names) <= 6 else (7, 4.5), dpi=120)
-    for method in names:
+    many = len(names) > 6
+    fig, ax = plt.subplots(figsize=(8, 4.5) if many else (5, 3.5), dpi=120)
+    colors = plt.get_cmap("tab20").colors if many else [None] * len(names)
+    for method, color in zip(names, colors, strict=False):
         pts = sorted((r["sparsity"], r["accuracy"]) for r in runs if r["method"] == method)
-        ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=method)
+        ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=method,
+                color=color)
     if results.get("dense"):
         ax.axhline(100 * results["dense"]["accuracy"], color="gray", ls="--", label="dense")
     first = runs[0]
     ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)",
            title=f"{first['arch']} on {first['dataset']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7 if len(names) > 6 else None, ncol=2 if len(names) > 8 else 1)
+    if many:  # outside the axes, so no curve is hidden
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "accuracy_vs_sparsity.png")
     fig.savefig(path)

@@ -3,11 +3,12 @@
 PyTorch's Adam and SGD add ``weight_decay * p`` to the gradient before the moments (L2, not AdamW),
 and the learning rate multiplies the final direction only (SGD: ``p -= lr * buf`` with
 ``buf = m * buf + g``; Adam: ``p -= lr * m_hat / (sqrt(v_hat) + eps)``). Hence each group is
-``add_decayed_weights(wd) -> trace(momentum) | scale_by_adam -> scale(-lr)``, and a per-epoch
-schedule is an exact multiplicative factor on that group's update, applied by `apply_updates`. The
-factor is computed on the host per epoch (PyTorch steps its scheduler once per epoch), so the
-schedule does not depend on the optimizer's internal step count, which may differ between groups
-(see `apply_updates`).
+``add_decayed_weights(wd) -> trace(momentum) | scale_by_adam -> scale(-1)``, and the epoch's learning
+rate (base lr times the schedule, as torch's ``param_group['lr']``) multiplies that direction in
+`apply_updates`. It is computed on the host per epoch (PyTorch steps its scheduler once per epoch) and
+passed as a traced value, so the schedule does not depend on the optimizer's internal step count
+(which may differ between groups, see `apply_updates`) and stages that differ only in their learning
+rates share one compiled step.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def group_transform(opt: GroupOptimizer) -> optax.GradientTransformation:
         parts.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
     elif opt.momentum:
         parts.append(optax.trace(decay=opt.momentum, nesterov=False))
-    parts.append(optax.scale(-opt.lr))
+    parts.append(optax.scale(-1.0))  # the lr is the traced factor of `lr_factors`
     return optax.chain(*parts)
 
 
@@ -71,9 +72,11 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 
 def lr_factors(stage: Stage, epoch: int) -> dict[str, np.float32]:
-    """Per-group lr multipliers for `epoch`: host f32 scalars, so a jit argument that neither
-    retraces per epoch nor pins a device (safe with multi-host meshes)."""
-    return {g: np.float32(lr_factor(stage.group(g).schedule, epoch, stage.epochs)) for g in GROUPS}
+    """Per-group learning rates of `epoch` (base lr × schedule; 0 for frozen groups): host f32
+    scalars, so a jit argument that neither retraces per epoch nor pins a device (safe with
+    multi-host meshes)."""
+    return {g: np.float32(stage.group(g).lr * lr_factor(stage.group(g).schedule, epoch,
+                                                          stage.epochs)) for g in GROUPS}
 
 
 def apply_updates(

@@ -203,9 +203,14 @@ class Stage:
 
     def compute_key(self) -> Stage:
         """This stage with everything the compiled step does not depend on neutralised (name,
-        epochs, density, start actions, re-mapping): equal keys share one jitted step."""
+        epochs, density, learning rates, start actions, re-mapping): equal keys share one jitted
+        step."""
+        def lr_free(opt: GroupOptimizer) -> GroupOptimizer:  # the lr is a traced factor
+            return dataclasses.replace(opt, lr=1.0) if opt.trainable else opt
+
         return dataclasses.replace(self, name='', epochs=0, density=1.0, start=(),
-                                   remap_every_epoch=False)
+                                   remap_every_epoch=False, params=lr_free(self.params),
+                                   scores=lr_free(self.scores), prompt=lr_free(self.prompt))
 
     def group(self, name: str) -> GroupOptimizer:
         _check(name, GROUPS, 'group')
