@@ -135,14 +135,14 @@ def registered():
 
 
 def test_criteria_methods_bip_pilot_and_a_test_defined_method(weights, registered, tmp_path):
-    c = quick(weights, "random,snip,grasp,synflow,bip,post_prompt,layer_magnitude", (0.9,))
-    c.post_prompt.sources, c.post_prompt.modes = ("hydra",), ("zero_shot",)
+    c = quick(weights, "random,snip,grasp,synflow,bip,hydra,post_prompt,layer_magnitude", (0.9,))
+    c.post_prompt.sources = ("hydra",)
     c.grasp.samples_per_class = 4
     workdir = str(tmp_path / "w")
     results = experiment.run(c, workdir)
     rows = {r["method"]: r for r in results["runs"]}
-    assert set(rows) == {"random", "snip", "grasp", "synflow", "bip", "vp_after_hydra",
-                         "layer_magnitude"}
+    assert set(rows) == {"random", "snip", "grasp", "synflow", "bip", "hydra", "vp_after_hydra",
+                         "vp_after_hydra_ft", "layer_magnitude"}
     finals = _finals(workdir)
     n = _prunable_count(finals["bip_s0.9"])
     exact = n - np.floor(0.9 * n + 1e-6)  # kept weights
@@ -166,6 +166,11 @@ def test_criteria_methods_bip_pilot_and_a_test_defined_method(weights, registere
     assert rows["bip"]["gradient_steps"] == 2 * 3
     pilot = rows["vp_after_hydra"]
     assert pilot["accuracy"] == pilot["accuracy_with_prompt"]
+    # Without the prompt, the pilot reports the network before its prompt trained: after HYDRA's
+    # fine-tuning that is exactly HYDRA's own row (same weights, BN statistics and mapping).
+    ft = rows["vp_after_hydra_ft"]
+    assert ft["accuracy_without_prompt"] == rows["hydra"]["accuracy_without_prompt"]
+    assert ft["accuracy"] == ft["accuracy_with_prompt"]  # the pilot reports the prompted one
     assert set(results["compiles"]) >= {"train_step", "eval_step", "eval_step_prompted"}
 
 

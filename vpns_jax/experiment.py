@@ -200,6 +200,9 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
                          num_source=num_source, num_target=num_target, put=ctx.put,
                          replicate=ctx.replicate, label_map_batches=train_split,
                          criterion_batches=lambda: train_split(0, sharded=False),
+                         evaluate=lambda state, stage, label_map: train.evaluate(
+                             ctx.env.steps.eval(stage, prompted=False), state, eval_loader,
+                             label_map, ctx.put)["accuracy"],
                          steps=runner.StepCache(model, spec), primary=info.is_primary)
     return ctx
 
@@ -241,16 +244,20 @@ def _initial_variables(ctx: Context) -> dict[str, Any]:
 
 
 def evaluate_state(ctx: Context, state: train.TrainState, stage: train.Stage,
-                   label_map: Any, *, has_prompt: bool) -> dict[str, float | None]:
-    """Test accuracy without and (when the run has a prompt) with the prompt."""
+                   label_map: Any, *, has_prompt: bool,
+                   label_map_without_prompt: Any = None) -> dict[str, float | None]:
+    """Test accuracy without and (when the run has a prompt) with the prompt; the un-prompted
+    accuracy uses `label_map_without_prompt` when given (a mapping re-made through the prompt
+    every epoch does not fit the un-prompted network)."""
     out: dict[str, float | None] = {}
     for prompted in (False, True):
         if prompted and not has_prompt:
             out["with_prompt"] = None
             continue
         fn = ctx.env.steps.eval(stage, prompted=prompted)
+        lm = label_map if prompted or label_map_without_prompt is None else label_map_without_prompt
         out["with_prompt" if prompted else "without_prompt"] = train.evaluate(
-            fn, state, ctx.eval_loader, label_map, ctx.put)["accuracy"]
+            fn, state, ctx.eval_loader, lm, ctx.put)["accuracy"]
     return out
 
 
@@ -266,7 +273,15 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
     state, last = end.state, end.stage
     started = time.perf_counter()
     has_prompt = run.has_prompt and bool(state.prompt)
-    accuracy = evaluate_state(ctx, state, last, end.label_map, has_prompt=has_prompt)
+    unprompted_map = None
+    if has_prompt and (last.remap_every_epoch or config.label_mapping == "ilm"):
+        # The mapping followed the prompt: the un-prompted network keeps the one it had when the
+        # last stage began (pilot, §8: the pruned network without the prompt).
+        unprompted_map = end.start_label_map
+    accuracy = evaluate_state(ctx, state, last, end.label_map, has_prompt=has_prompt,
+                              label_map_without_prompt=unprompted_map)
+    if end.start_accuracy is not None:  # the pruned network before its prompt trained (§8)
+        accuracy["without_prompt"] = end.start_accuracy
     masks = jax.device_get(train.current_masks(state, last))
     if not masks:  # dense: count zeros of the prunable kernels themselves
         flat = sparsity.flatten_params(jax.device_get(state.params))
@@ -280,6 +295,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
              "masks": masks, "prompt": state.prompt if has_prompt else {}}
     if end.label_map is not None:
         final["label_map"] = np.asarray(end.label_map, np.int32)
+    if unprompted_map is not None:
+        final["label_map_without_prompt"] = np.asarray(unprompted_map, np.int32)
     final = {k: v for k, v in final.items() if not isinstance(v, dict) or v}  # no empty items
     checkpoint.save_final(os.path.join(ctx.workdir, "final", run.name), jax.device_get(final),
                           {"arch": ctx.arch, "options": ctx.weights_meta["options"],
@@ -319,7 +336,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
             continue
         if row is not None:
             now = config_fingerprint(config, with_methods=True)
-            details = _differences(ctx.previous, now) or "its method's options differ"
+            details = (_differences(ctx.previous, now)
+                       or "its method's options, or the vpns_jax version that computed it, differ")
             raise CheckpointError(
                 f"{workdir}/results.json has {run.name} from a different config ({details}); use a "
                 "new --workdir, or the saved config.json's values for that method.")
@@ -373,7 +391,8 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
                                    scores=tree.get("scores"), prompt=tree.get("prompt"))
         state = ctx.replicate(state.replace(masks=masks if stage.mask_mode == "fixed" else {}))
         label_map = tree.get("label_map")
-        acc = evaluate_state(ctx, state, stage, label_map, has_prompt=bool(meta.get("has_prompt")))
+        acc = evaluate_state(ctx, state, stage, label_map, has_prompt=bool(meta.get("has_prompt")),
+                             label_map_without_prompt=tree.get("label_map_without_prompt"))
         at_test = bool(meta.get("prompt_at_test"))
         logging.info("%s: accuracy %.4f, with prompt %s", name, acc["without_prompt"],
                      acc["with_prompt"])

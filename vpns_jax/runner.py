@@ -100,6 +100,8 @@ class Env:
     label_map_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
     # the same on every process (the criteria must agree on one mask): the whole augmented split
     criterion_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+    # (state, stage, label_map) -> test accuracy without the prompt (`Stage.report_start`)
+    evaluate: Callable[..., float]
     steps: StepCache
     primary: bool = True
 
@@ -244,11 +246,14 @@ def flm(env: Env, state: train.TrainState, stage: Stage, *, prompted: bool,
 
 @dataclasses.dataclass
 class ChainEnd:
-    """A finished run's chain: final state, label mapping, the last stage, and its cost."""
+    """A finished run's chain: final state, label mapping (and the last stage's mapping at its
+    start), the last stage, and its cost."""
 
     state: train.TrainState
     label_map: np.ndarray | None
     stage: Stage
+    start_label_map: np.ndarray | None  # the last stage's mapping before any re-mapping
+    start_accuracy: float | None  # without the prompt, when the last stage began (report_start)
     seconds: float
     gradient_steps: int
     epochs: list[int]
@@ -276,6 +281,7 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
     keys = stage_keys(env.base_key, run.stages)
     dirs = [os.path.join(env.workdir, 'stages', k) for k in keys]
     state, label_map, seconds, first = fresh, None, 0.0, 0
+    start: dict[str, Any] = {}
     for i in reversed(range(len(run.stages))):
         if not os.path.isdir(dirs[i]):
             continue
@@ -286,22 +292,27 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
             state, meta = ckpt.restore(ckpt.latest_step(),
                                        abstract_state=template(env, run.stages, i, fresh))
         state, label_map = env.replicate(state), _label_map(meta['label_map'])
+        start = meta
         seconds, first = float(meta['chain_seconds']), i + 1
         logging.info('%s: stage %d/%d (%s) is done already (%s), reusing it', run.name, i + 1,
                      len(run.stages), run.stages[i].name, keys[i])
         break
     for i in range(first, len(run.stages)):
-        state, label_map, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
-                                               seconds, fresh)
+        state, start, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
+                                           seconds, fresh)
+        label_map = _label_map(start['label_map'])
     spe = env.steps_per_epoch
-    return ChainEnd(state=state, label_map=label_map, stage=run.stages[-1], seconds=seconds,
+    return ChainEnd(state=state, label_map=label_map,
+                    start_label_map=_label_map(start.get('start_label_map')),
+                    start_accuracy=start.get('start_accuracy'), stage=run.stages[-1],
+                    seconds=seconds,
                     gradient_steps=sum(s.epochs * spe * s.steps_per_iteration for s in run.stages),
                     epochs=[s.epochs for s in run.stages])
 
 
 def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: train.TrainState,
                label_map: np.ndarray | None, seconds_before: float,
-               fresh: train.TrainState) -> tuple[train.TrainState, np.ndarray | None, float]:
+               fresh: train.TrainState) -> tuple[Any, dict[str, Any], float]:
     config, stage = env.config, run.stages[i]
     ckpt = checkpoint.RunCheckpointer(directory)
     try:
@@ -318,13 +329,16 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
                          stage.name, stage.epochs, key)
             state, label_map = begin(env, stage, state, stage_rng(config.seed, key), label_map)
             progress = {'stage': stage.name, 'epoch': 0, 'iteration': 0, 'label_map': label_map,
+                        'start_label_map': None if label_map is None else label_map.tolist(),
+                        'start_accuracy': (env.evaluate(state, stage, label_map)
+                                           if stage.report_start else None),
                         'stage_seconds': time.perf_counter() - started}
             progress['chain_seconds'] = seconds_before + progress['stage_seconds']
             ckpt.save(0, state, _meta(progress))
         if progress['epoch'] < stage.epochs:
             state = _train(env, run, stage, state, ckpt, progress, seconds_before)
         ckpt.keep_latest_only()  # the stage's end state is all a later run can reuse
-        return state, progress['label_map'], float(progress['chain_seconds'])
+        return state, _meta(progress), float(progress['chain_seconds'])
     finally:
         ckpt.close()  # an interrupted run still finishes writing its last checkpoint
 

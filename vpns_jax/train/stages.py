@@ -163,6 +163,8 @@ class Stage:
     ...); opaque to the training engine.
     remap_every_epoch: re-run the frequency label mapping after every epoch (ILM / the pilot
     study's prompt training).
+    report_start: the run's accuracy without the prompt is measured when this stage begins (the
+    pilot study: the pruned network before its prompt is trained).
     """
 
     name: str
@@ -176,6 +178,7 @@ class Stage:
     threshold_scope: str = 'global'
     start: tuple = ()
     remap_every_epoch: bool = False
+    report_start: bool = False
 
     def __post_init__(self):
         _check(self.mask_mode, MASK_MODES, 'mask_mode')
@@ -209,7 +212,8 @@ class Stage:
             return dataclasses.replace(opt, lr=1.0) if opt.trainable else opt
 
         return dataclasses.replace(self, name='', epochs=0, density=1.0, start=(),
-                                   remap_every_epoch=False, params=lr_free(self.params),
+                                   remap_every_epoch=False, report_start=False,
+                                   params=lr_free(self.params),
                                    scores=lr_free(self.scores), prompt=lr_free(self.prompt))
 
     def group(self, name: str) -> GroupOptimizer:
