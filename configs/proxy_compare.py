@@ -5,13 +5,14 @@ Command:
 
 Source model: a width-0.25 ResNet-18 trained here on Fashion-MNIST (no ImageNet weights offline), saved
 in the format of converted torchvision weights; downstream: scikit-learn's digits at 32 px, FLM 10 -> 10.
-Methods: dense, VPNs, HYDRA, Random, OMP, LTH, SNIP, GraSP, SynFlow, BiP, VPNs w. Random/OMP/LTH and the
-post-pruning-prompt pilot (OMP, HYDRA). Epochs keep the reference's ratios (§4.3, §5): a baseline
-fine-tune of E epochs stands for 120, so HYDRA is E/2 + E/2, BiP E/2, VPNs E/4 + E/4, VPNs w. X E/4,
-the pilot's prompt training E/2 (shortened); E = 16 (argument `epochs=`). The shared dense fine-tune
-runs once for dense, OMP, LTH, VPNs w. OMP/LTH and the pilot; LTH's rounds build on each other. Learning rates are scaled up from the ImageNet-scale
-defaults as in configs/quickstart.py, because the run is about 100x shorter. It takes about 20 minutes on
-2 CPU cores; the README shows a measured table. Argument `fast` (E = 2, one sparsity) for a smoke run.
+Methods: dense, VPNs, HYDRA, Random, OMP, LTH (3 rounds), SNIP, GraSP, SynFlow, BiP, VPNs w. Random/OMP/
+LTH and the post-pruning-prompt pilot (OMP, HYDRA). Epochs keep the reference's ratios (§4.3, §5): a
+baseline fine-tune of E = 16 epochs (argument `epochs=`) stands for 120, so HYDRA is E/2 + E/2, BiP E/2,
+VPNs E/4 + E/4, VPNs w. X E/4, the pilot's prompt training E/2 (shortened). The shared dense fine-tune
+runs once for dense, OMP, LTH, VPNs w. OMP/LTH and the pilot; LTH's rounds build on each other.
+Learning rates are scaled up from the ImageNet-scale defaults as in configs/quickstart.py, because the
+run is about 100x shorter. About 9 minutes on 2 CPU cores; the README shows a measured table.
+Argument `fast` (E = 2, one sparsity, one LTH round) for a smoke run.
 """
 
 from vpns_jax.config import default_config, parse_arg

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vpns_jax import sparsity
+from vpns_jax.sparsity import criteria
 
 
 class _Block(nn.Module):
@@ -161,7 +162,7 @@ def test_ste_matches_torch_getsubnet():
 def test_apply_masks_jit_and_grad(net):
     _, variables, _, _ = net
     params = variables["params"]
-    masks = sparsity.masks_from_params_magnitude(params, 0.3)
+    masks = criteria.magnitude(params, density=0.3)
     masked = jax.jit(sparsity.apply_masks)(params, masks)
     flat, flat_masked = sparsity.flatten_params(params), sparsity.flatten_params(masked)
     assert sorted(flat) == sorted(flat_masked)
@@ -184,7 +185,7 @@ def test_apply_masks_jit_and_grad(net):
 def test_magnitude_masks_and_summary(net):
     _, variables, _, _ = net
     params = variables["params"]
-    masks = sparsity.masks_from_params_magnitude(params, 0.3)
+    masks = criteria.magnitude(params, density=0.3)
     flat = sparsity.flatten_params(params)
     mags = np.concatenate([np.abs(np.asarray(flat[p])).ravel() for p in PATHS])
     n, k = mags.size, math.floor(0.7 * mags.size)

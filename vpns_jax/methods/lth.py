@@ -53,11 +53,10 @@ def round_of(config: mlc.ConfigDict, sparsity: float) -> int:
         if cand >= 1 and abs(round_sparsity(rate, cand) - sparsity) <= _TOLERANCE:
             return cand
     lo, hi = max(math.floor(r), 1), max(math.ceil(r), 2)
-    raise ConfigError(
-        f'config.sparsities: {sparsity:g} is not on LTH\'s series (each round removes {rate:g} of '
-        f'the survivors); the nearest rounds are {lo} ({round_sparsity(rate, lo):.4f}) and {hi} '
-        f'({round_sparsity(rate, hi):.4f}). Use those sparsities, or --config.lth.rounds=N to run '
-        'rounds 1..N.')
+    raise ConfigError(f'config.sparsities: {sparsity:g} is not on LTH\'s series (each round removes '
+                      f'{rate:g} of the survivors); the nearest rounds are {lo} '
+                      f'({round_sparsity(rate, lo):.4f}) and {hi} ({round_sparsity(rate, hi):.4f}). '
+                      'Use those sparsities, or --config.lth.rounds=N to run rounds 1..N.')
 
 
 def levels(config: mlc.ConfigDict) -> tuple[float, ...]:
@@ -88,6 +87,5 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
 
 
 def research(dataset: str) -> dict:
-    table = {'stanford_cars': {'tuning.optimizer': 'adam', 'tuning.lr': 1e-3},
-             'oxford_iiit_pet': {'tuning.lr': 1e-3}}
-    return table.get(dataset, {})
+    return {'stanford_cars': {'tuning.optimizer': 'adam', 'tuning.lr': 1e-3},
+            'oxford_iiit_pet': {'tuning.lr': 1e-3}}.get(dataset, {})

@@ -6,7 +6,6 @@ from vpns_jax.sparsity.masks import (
     apply_masks,
     hard_masks,
     keep_top,
-    masks_from_params_magnitude,
     ste_mask,
     ste_masks,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "keep_top",
     "kth_smallest",
     "layerwise_thresholds",
-    "masks_from_params_magnitude",
     "num_kept",
     "num_pruned",
     "prunable_paths",

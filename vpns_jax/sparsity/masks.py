@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vpns_jax.sparsity.scores import flatten_params, prunable_paths
+from vpns_jax.sparsity.scores import flatten_params
 from vpns_jax.sparsity.threshold import global_threshold
 
 Threshold = jax.Array | float | Mapping[str, jax.Array | float]
@@ -74,13 +74,3 @@ def apply_masks(params: Mapping, masks: Mapping[str, jax.Array]) -> dict:
             )
         flat[path] = w * jnp.asarray(mask).astype(w.dtype)
     return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def masks_from_params_magnitude(
-    params: Mapping, density: float, paths: list[str] | None = None
-) -> dict[str, jax.Array]:
-    """Bool masks keeping the globally largest |W| over `paths` (default: all prunable kernels)."""
-    flat = flatten_params(params)
-    paths = prunable_paths(params) if paths is None else paths
-    weights = {p: flat[p] for p in paths}
-    return hard_masks(weights, global_threshold(weights, density))
