@@ -186,3 +186,17 @@ def test_a_criterion_short_of_examples_is_one_clear_error(weights, tmp_path):
         experiment.run(c, workdir)
     rows = report.load_results(workdir)["runs"]
     assert [r["method"] for r in rows] == ["random"]
+
+
+def test_eval_mode_keeps_the_pilots_accuracy_before_its_prompt(weights, tmp_path):
+    """mode=eval re-evaluates final states; a pilot row's un-prompted accuracy was measured before
+    its prompt trained (not in final/), so it is kept, and the prompted one is reproduced."""
+    c = quick(weights, "post_prompt", (0.9,))
+    c.post_prompt.sources, c.post_prompt.modes = ("random",), ("zero_shot",)
+    workdir = str(tmp_path / "w")
+    (row,) = experiment.run(c, workdir)["runs"]
+    c = c.copy_and_resolve_references()
+    c.mode = "eval"
+    (again,) = experiment.run(c, workdir)["runs"]
+    for key in ("accuracy", "accuracy_with_prompt", "accuracy_without_prompt"):
+        assert again[key] == row[key], key

@@ -304,7 +304,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
                            "sparsity": run.sparsity, "dataset": config.dataset,
                            "input_size": config.input_size,
                            "prompt": dataclasses.asdict(ctx.prompt_spec), "has_prompt": has_prompt,
-                           "prompt_at_test": run.prompt_at_test})
+                           "prompt_at_test": run.prompt_at_test,
+                           "without_prompt_at_start": end.start_accuracy is not None})
     with_prompt, without = accuracy["with_prompt"], accuracy["without_prompt"]
     chosen = with_prompt if (run.prompt_at_test and with_prompt is not None) else without
     return report.run_record(
@@ -394,10 +395,14 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
         acc = evaluate_state(ctx, state, stage, label_map, has_prompt=bool(meta.get("has_prompt")),
                              label_map_without_prompt=tree.get("label_map_without_prompt"))
         at_test = bool(meta.get("prompt_at_test"))
-        logging.info("%s: accuracy %.4f, with prompt %s", name, acc["without_prompt"],
+        logging.info("%s: accuracy %s, with prompt %s", name, acc["without_prompt"],
                      acc["with_prompt"])
+        if meta.get("without_prompt_at_start"):
+            acc["without_prompt"] = None  # measured before the last stage trained; not in final/
         for r in results["runs"]:
             if run_id(r["method"], r["sparsity"]) == name:
+                if acc["without_prompt"] is None:  # keep the recorded one (pilot rows)
+                    acc["without_prompt"] = r["accuracy_without_prompt"]
                 r["accuracy_without_prompt"] = acc["without_prompt"]
                 r["accuracy_with_prompt"] = acc["with_prompt"]
                 use_prompt = at_test and acc["with_prompt"] is not None
