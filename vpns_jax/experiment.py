@@ -109,6 +109,7 @@ def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) 
             raise CheckpointError(
                 f"{workdir} holds a run with a different config ({details}); resuming would mix "
                 "them. Use a new --workdir, or the saved config.json's values.")
+    parallel.barrier("config read")  # nobody reads config.json while process 0 rewrites it
     if primary:
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:

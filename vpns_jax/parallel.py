@@ -191,3 +191,10 @@ def gather_to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (no-op with one process): e.g. after process 0
+    wrote a file the others read next."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

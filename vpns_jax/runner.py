@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, prompts, sparsity, train
+from vpns_jax import checkpoint, parallel, prompts, sparsity, train
 from vpns_jax.errors import ConfigError
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
@@ -297,6 +297,8 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
         logging.info('%s: stage %d/%d (%s) is done already (%s), reusing it', run.name, i + 1,
                      len(run.stages), run.stages[i].name, keys[i])
         break
+    # Every process decided from the same files; only now may the next stage create its directory.
+    parallel.barrier(f'chain lookup {keys[-1]}')
     for i in range(first, len(run.stages)):
         state, start, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
                                            seconds, fresh)

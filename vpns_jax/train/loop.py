@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vpns_jax import label_mapping
+from vpns_jax import label_mapping, parallel
 from vpns_jax.train import optim, steps
 from vpns_jax.train.stages import Stage
 from vpns_jax.train.state import TrainState
@@ -237,10 +237,13 @@ def flm_label_map(
     put = put_batch or (lambda b: b)
     preds, labels = [], []
     for b in batches:
-        pred = np.asarray(jax.device_get(predict_fn(state, put(b))))
-        valid = np.asarray(b['mask'], bool) if 'mask' in b else np.ones(pred.shape, bool)
-        preds.append(pred[valid])
-        labels.append(np.asarray(b['label'])[valid])
+        batch = put(b)
+        # Global arrays: every process gets the whole global batch's predictions AND labels.
+        pred, label = parallel.gather_to_host((predict_fn(state, batch), batch['label']))
+        valid = (np.asarray(parallel.gather_to_host(batch['mask']), bool) if 'mask' in batch
+                 else np.ones(np.shape(pred), bool))
+        preds.append(np.asarray(pred)[valid])
+        labels.append(np.asarray(label)[valid])
     counts = label_mapping.frequency_counts(np.concatenate(preds), np.concatenate(labels),
                                             num_source, num_target)
     return np.asarray(label_mapping.greedy_mapping(counts), np.int32)
