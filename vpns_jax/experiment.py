@@ -62,7 +62,8 @@ class Context:
         return parallel.host_to_global(batch, self.mesh)
 
     def replicate(self, tree: Any) -> Any:
-        return jax.device_put(tree, parallel.replicated(self.mesh))
+        """Every leaf replicated over the mesh (on several processes too)."""
+        return parallel.to_replicated(tree, self.mesh)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -198,3 +198,24 @@ def barrier(name: str) -> None:
     wrote a file the others read next."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def to_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf as a global array replicated over `mesh` (every process passes the same values).
+
+    One process: `jax.device_put`. Several: leaves already replicated stay; global arrays with
+    another sharding are resharded by a jitted identity; host or process-local values are placed
+    shard by shard (`device_put` of a process-local jax.Array onto a multi-process sharding gives
+    arrays whose shards cannot be read, e.g. by orbax).
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.jit(lambda a: a, out_shardings=sharding)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
