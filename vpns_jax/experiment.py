@@ -153,7 +153,11 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
         from vpns_jax import proxy
 
         proxy.train_proxy(config, path, data_dir=data_dir)
+    parallel.barrier("proxy weights")  # process 0 wrote them; the others read them next
     arch, variables, meta = _load_pretrained(config, path)
+    if info.is_primary:  # one process writes the dataset files; the others then find them
+        data.ensure_prepared(config.dataset, data_dir=data_dir, manual_dir=manual_dir)
+    parallel.barrier("data prepared")
     data.ensure_prepared(config.dataset, data_dir=data_dir, manual_dir=manual_dir)
     num_source = int(meta["options"]["num_classes"])
     num_target = data.registry.get(config.dataset).num_classes

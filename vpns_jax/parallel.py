@@ -93,6 +93,13 @@ def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
         return True
     if "local_device_ids" not in kwargs and (ids := local_device_ids_from_env()) is not None:
         kwargs["local_device_ids"] = ids
+    if multiprocess_env() == "explicit":  # this jax reads the address but not the count or the id
+        kwargs.setdefault("coordinator_address", os.environ["JAX_COORDINATOR_ADDRESS"])
+        kwargs.setdefault("num_processes", int(os.environ["JAX_NUM_PROCESSES"]))
+        if "JAX_PROCESS_ID" not in os.environ and "process_id" not in kwargs:
+            raise ConfigError("JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set but "
+                              "JAX_PROCESS_ID is not: set it to this process's index (0..N-1).")
+        kwargs.setdefault("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")))
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:
