@@ -15,25 +15,13 @@ run is about 100x shorter. About 9 minutes on 2 CPU cores; the README shows a me
 Argument `fast` (E = 2, one sparsity, one LTH round) for a smoke run.
 """
 
-from vpns_jax.config import default_config, parse_arg
+from vpns_jax.config import parse_arg, proxy_task_config
 
 
 def get_config(arg=None):
     args = parse_arg(arg, fast=False, epochs=16)
-    c = default_config()
+    c = proxy_task_config(args.fast)
     c.methods = ("dense,vpns,hydra,random,omp,lth,snip,grasp,synflow,bip,vpns_with,post_prompt")
-    c.arch = "resnet18"
-    c.model.width = 0.25
-    c.proxy.dataset = "fashion_mnist"
-    c.proxy.epochs = 1 if args.fast else 2
-    c.proxy.steps_per_epoch = 20 if args.fast else 200
-    c.proxy.batch_size = 128
-    c.proxy.lr = 0.05
-    c.dataset = "digits"
-    c.input_size = 32
-    c.prompt.output_size = 32
-    c.prompt.pad_size = 4
-    c.batch_size = 64
     c.sparsities = (0.9,) if args.fast else (0.5, 0.9)
     e = 2 if args.fast else args.epochs  # stands for the reference's 120 epochs
     sgd = dict(lr=0.05)

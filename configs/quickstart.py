@@ -12,26 +12,13 @@ minutes on 2 CPU cores and print the results table; the README shows a measured 
 Argument: `fast` (fewer epochs, for tests).
 """
 
-from vpns_jax.config import default_config, parse_arg
+from vpns_jax.config import parse_arg, proxy_task_config
 
 
 def get_config(arg=None):
     args = parse_arg(arg, fast=False)
-    c = default_config()
+    c = proxy_task_config(args.fast)
     c.methods = "dense,hydra,vpns"
-    c.arch = "resnet18"
-    c.model.width = 0.25
-    c.model.small_input = False  # ImageNet stem: 32 px -> 8x8 maps after the stem, cheap on a CPU
-    c.proxy.dataset = "fashion_mnist"
-    c.proxy.epochs = 1 if args.fast else 2
-    c.proxy.steps_per_epoch = 20 if args.fast else 200
-    c.proxy.batch_size = 128
-    c.proxy.lr = 0.05
-    c.dataset = "digits"
-    c.input_size = 32
-    c.prompt.output_size = 32
-    c.prompt.pad_size = 4
-    c.batch_size = 64
     c.sparsities = (0.5, 0.9, 0.99)
     # VPNs needs half the epochs of HYDRA (reference §4.3: 30+30 vs 60+60), kept in that ratio here.
     # Learning rates scaled up from the ImageNet-scale defaults because the run is ~100x shorter.

@@ -234,6 +234,27 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
 # Builders used by the files in configs/
 
 
+def proxy_task_config(fast: bool = False) -> mlc.ConfigDict:
+    """`default_config()` set to the offline proxy task of configs/quickstart.py and
+    configs/proxy_compare.py: a width-0.25 ResNet-18 trained here on Fashion-MNIST as the source
+    model (1 x 20 steps with `fast`, else 2 x 200), then digits at 32 px, pad prompt 4, batch 64."""
+    c = default_config()
+    c.arch = "resnet18"
+    c.model.width = 0.25
+    c.model.small_input = False  # ImageNet stem: 32 px -> 8x8 maps after the stem, cheap on a CPU
+    c.proxy.dataset = "fashion_mnist"
+    c.proxy.epochs = 1 if fast else 2
+    c.proxy.steps_per_epoch = 20 if fast else 200
+    c.proxy.batch_size = 128
+    c.proxy.lr = 0.05
+    c.dataset = "digits"
+    c.input_size = 32
+    c.prompt.output_size = 32
+    c.prompt.pad_size = 4
+    c.batch_size = 64
+    return c
+
+
 def set_epochs(config: mlc.ConfigDict, fn: Any) -> None:
     """Replace every method's `epochs` fields (at any depth) by `fn(epochs)` (quick configs)."""
     for name in methods.names():
