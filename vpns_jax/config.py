@@ -38,11 +38,21 @@ def default_config() -> mlc.ConfigDict:
     c.methods = "vpns"  # comma-separated names of vpns_jax.methods (see README), run in this order
     c.arch = "resnet18"
     c.weights = ""  # project-format weights (python -m vpns_jax.weights convert ...)
-    c.model = mlc.ConfigDict({"width": 1.0, "small_input": False})
+    # dtype: computation dtype of activations and matmuls ('float32' | 'bfloat16'); parameters,
+    # BatchNorm statistics and optimizer state stay float32.
+    c.model = mlc.ConfigDict({"width": 1.0, "small_input": False, "dtype": "float32"})
     c.dataset = "cifar10"
     c.data_dir = ""  # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
     c.manual_dir = ""  # files for manual datasets (tiny_imagenet, stanford_cars, imagenet2012, ...)
     c.input_size = 224
+    # Input pipeline (vpns_jax.data.pipeline). Results do not depend on worker_count, num_threads or
+    # prefetch; augment_on_device moves resize/crop/flip into the jitted step (small stored images).
+    c.data = mlc.ConfigDict({
+        "worker_count": -1,  # grain worker processes per host; -1 = auto from the host's cores
+        "num_threads": 0,  # read/decode threads per process; 0 = auto
+        "prefetch": 0,  # batches read ahead; 0 = auto
+        "augment_on_device": False,
+    })
     c.batch_size = 256  # global batch, split over devices and processes
     c.eval_batch_size = 0  # 0 = batch_size
     c.seed = 7

@@ -34,6 +34,7 @@ _SECOND_LOADER = 1_000_003  # seed offset of the 'train_b' loader
 _NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
                  "compilation_cache", "plots",
                  "distributed", "eval_batch_size", "methods", "sparsities")
+_NON_SEMANTIC_DATA = ("worker_count", "num_threads", "prefetch")
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ def config_fingerprint(config: mlc.ConfigDict, *, with_methods: bool = False) ->
     d = json.loads(config.to_json_best_effort())
     for field in _NON_SEMANTIC:
         d.pop(field, None)
+    for field in _NON_SEMANTIC_DATA:  # how fast batches come, not which batches
+        d.get("data", {}).pop(field, None)
     if not with_methods:
         for name in methods.names():
             d.pop(name, None)
