@@ -27,6 +27,8 @@ class DatasetInfo:
       source: 'catalogue' (stock TFDS builder; preparing needs TensorFlow) or 'own' (offline
       builder). manual_files: files the user must place in manual_dir (empty: none needed), with
       where they come from. notes: differences from the reference's data, if any.
+      image_shape: (H, W, C) of every stored image when all have that one shape (on-device
+      augmentation needs it), None when sizes vary (decoded photos).
     """
 
     name: str
@@ -37,6 +39,7 @@ class DatasetInfo:
     source: Literal["catalogue", "own"]
     manual_files: str = ""
     notes: str = ""
+    image_shape: tuple[int, int, int] | None = None
 
     @property
     def builder(self) -> str:
@@ -65,8 +68,10 @@ _CARS_FILES = (
 # fmt: off
 _DATASETS = (
     #           name             classes batch  train split        test split    source
-    DatasetInfo("cifar10",            10,  256, "train",            "test",       "catalogue"),
-    DatasetInfo("cifar100",          100,  256, "train",            "test",       "catalogue"),
+    DatasetInfo("cifar10",            10,  256, "train",            "test",       "catalogue",
+                image_shape=(32, 32, 3)),
+    DatasetInfo("cifar100",          100,  256, "train",            "test",       "catalogue",
+                image_shape=(32, 32, 3)),
     DatasetInfo("food101",           101,  256, "train",            "validation", "catalogue",
                 notes="TFDS 'validation' (25,250) is the official test split torchvision uses."),
     DatasetInfo("oxford_flowers102", 102,  128, "train+validation", "test",       "catalogue",
@@ -79,16 +84,18 @@ _DATASETS = (
     DatasetInfo("imagenet2012",     1000, 1024, "train",            "validation", "catalogue",
                 manual_files=_IMAGENET_FILES),
     DatasetInfo("tiny_imagenet",     200,  256, "train",            "validation", "own",
-                manual_files=_TINY_FILES),
+                manual_files=_TINY_FILES, image_shape=(64, 64, 3)),
     DatasetInfo("stanford_cars",     196,  128, "train",            "test",       "own",
                 manual_files=_CARS_FILES,
                 notes="TFDS cars196's download links are dead; the reference used these folders."),
     DatasetInfo("fashion_mnist",      10,  256, "train",            "test",       "own",
                 notes="Offline: IDX files of Debian's dataset-fashion-mnist "
-                      "(/usr/share/datasets/fashion-mnist)."),
+                      "(/usr/share/datasets/fashion-mnist).",
+                image_shape=(28, 28, 1)),
     DatasetInfo("digits",             10,   64, "train",            "test",       "own",
                 notes="Offline: scikit-learn's 1,797 8x8 digits, stratified 80/20 split "
-                      "(1,438 / 359), seed 0."),
+                      "(1,438 / 359), seed 0.",
+                image_shape=(8, 8, 1)),
 )
 # fmt: on
 
