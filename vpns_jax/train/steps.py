@@ -22,6 +22,8 @@ import optax
 from flax.traverse_util import flatten_dict
 
 from vpns_jax import label_mapping, prompts
+from vpns_jax.data import device_augment
+from vpns_jax.errors import ConfigError
 from vpns_jax.train import optim
 from vpns_jax.train.stages import GROUPS, Pass, Stage
 from vpns_jax.train.state import TrainState, frozen_masks, learned_masks, zero_pruned
@@ -38,6 +40,19 @@ def current_masks(state: TrainState, stage: Stage) -> dict[str, jax.Array]:
     if stage.mask_mode == 'learned':
         return frozen_masks(state.pruned, state.scores)
     return dict(state.masks)
+
+
+def batch_images(batch: Batch, *, view: str, prompt_spec: Any) -> jax.Array:
+    """The batch's images as f32[B, S, S, 3] in [0, 1]: float images as they are; uint8 images at
+    the stored size (on-device augmentation) through `device_augment.apply` for `view` ('train':
+    crop and flip from batch['crop'], 'prompt' / 'eval': resize only), S = prompt_spec.input_size."""
+    images = batch['image']
+    if images.dtype != jnp.uint8:
+        return images
+    if prompt_spec is None:
+        raise ConfigError('uint8 batches (config.data.augment_on_device) need the prompt spec for '
+                          'the input size; pass prompt_spec to the step factory.')
+    return device_augment.apply(batch, input_size=prompt_spec.input_size, view=view)
 
 
 def model_inputs(images: jax.Array, prompt: Mapping[str, jax.Array], *, prompted: bool,
@@ -66,6 +81,8 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
     RNG and names the metrics). `train_step` chains the passes of a stage.
     """
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), index)
+    images = batch_images(batch, view='prompt' if pass_.view == 'prompt' else 'train',
+                          prompt_spec=prompt_spec)
     # The prompt gets no gradient and no update in an un-prompted pass (reference ambiguity 3).
     active = pass_.active_groups(stage.trainable_groups)
     trainables = state.trainables()
@@ -81,7 +98,7 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
         else:
             masks = fixed
         params = zero_pruned(tr['params'], masks)
-        x = model_inputs(batch['image'], tr['prompt'], prompted=pass_.prompted,
+        x = model_inputs(images, tr['prompt'], prompted=pass_.prompted,
                          prompt_spec=prompt_spec, rng=rng)
         # Train mode as torch's model.train(): BN batch statistics and (VGG) dropout active.
         logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -167,6 +184,12 @@ def _eval_logits(state: TrainState, images: jax.Array, *, stage: Stage, model: A
                         'batch_stats': state.batch_stats}, x, train=False)
 
 
+def _eval_images(batch: Batch, prompt_spec: Any) -> jax.Array:
+    """Eval batches are resized only, except those with crop parameters (the augmented pass over
+    the training split for label mapping)."""
+    return batch_images(batch, view='train' if 'crop' in batch else 'eval', prompt_spec=prompt_spec)
+
+
 def eval_step(state: TrainState, batch: Batch, label_map: jax.Array | None, *, stage: Stage,
               model: Any, prompt_spec: Any = None, prompted: bool = False) -> Metrics:
     """Correct counts of one eval batch: BN in eval mode, hard mask applied, prompt on/off.
@@ -175,7 +198,8 @@ def eval_step(state: TrainState, batch: Batch, label_map: jax.Array | None, *, s
     absent means all real). Returns ``{'correct': i32[], 'count': i32[], 'loss_sum': f32[]}`` over
     valid rows.
     """
-    logits = head_logits(_eval_logits(state, batch['image'], stage=stage, model=model,
+    images = _eval_images(batch, prompt_spec)
+    logits = head_logits(_eval_logits(state, images, stage=stage, model=model,
                                       prompt_spec=prompt_spec, prompted=prompted), label_map)
     valid = batch.get('mask', jnp.ones(batch['label'].shape, bool))
     hit = (jnp.argmax(logits, -1) == batch['label']) & valid
@@ -187,7 +211,7 @@ def eval_step(state: TrainState, batch: Batch, label_map: jax.Array | None, *, s
 def source_predictions(state: TrainState, batch: Batch, *, stage: Stage, model: Any,
                        prompt_spec: Any = None, prompted: bool = False) -> jax.Array:
     """i32[B] argmax over the raw source logits (eval mode, current hard mask), for FLM counts."""
-    logits = _eval_logits(state, batch['image'], stage=stage, model=model,
+    logits = _eval_logits(state, _eval_images(batch, prompt_spec), stage=stage, model=model,
                           prompt_spec=prompt_spec, prompted=prompted)
     return jnp.argmax(logits, -1).astype(jnp.int32)
 
