@@ -12,7 +12,8 @@ import pytest
 from vpns_jax import parallel
 from vpns_jax.errors import ConfigError
 
-SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0"}
+SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0"}
 
 
 @pytest.mark.parametrize(
@@ -22,6 +23,7 @@ SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID
         ({**SLURM, "SLURM_NTASKS": "1"}, None),
         ({**SLURM, "SLURM_NTASKS": "8"}, "slurm"),
         ({"SLURM_NTASKS": "8"}, None),  # salloc shell, not inside srun
+        ({**{k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, "SLURM_NTASKS": "8"}, None),
         ({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, None),
         ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu"),
         ({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2"}, "explicit"),

@@ -27,7 +27,8 @@ from vpns_jax.errors import ConfigError
 DATA_AXIS = "data"
 
 # Environment variables that say "this process is one of several of a multi-process job".
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+# SLURM: the variables jax's own SlurmCluster needs (it is not used unless all of them are set).
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 _TPU_HOSTS_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 
 
@@ -36,7 +37,8 @@ def multiprocess_env(env: Mapping[str, str] | None = None) -> str | None:
 
     - ``'explicit'``: `JAX_COORDINATOR_ADDRESS` and `JAX_NUM_PROCESSES` > 1 (set them and
       `JAX_PROCESS_ID` yourself on any cluster);
-    - ``'slurm'``: inside `srun` with `SLURM_NTASKS` > 1;
+    - ``'slurm'``: inside `srun` with `SLURM_NTASKS` > 1 and every variable jax's SLURM detection
+      reads (`SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_PROCID`, `SLURM_LOCALID`);
     - ``'tpu'``: a TPU VM whose `TPU_WORKER_HOSTNAMES`/`TPU_PROCESS_ADDRESSES` lists > 1 worker.
     """
     env = os.environ if env is None else env
