@@ -13,12 +13,14 @@ from typing import Any
 
 import ml_collections as mlc
 
-from vpns_jax import methods
+from vpns_jax import methods, models
 from vpns_jax.errors import ConfigError
 
 PROMPT_METHODS = ("pad", "fix", "random")
 LABEL_MAPPINGS = ("flm", "ilm", "new_head")
 MODES = ("train", "eval")
+# Computation dtypes of config.model.dtype: the names `vpns_jax.models.compute_dtype` maps.
+MODEL_DTYPES = tuple(models.COMPUTE_DTYPES)  # ("float32", "bfloat16")
 # Sizes the released code accepts (reference §1.1); others are allowed with a warning-free check of
 # consistency only, because CPU-scale runs use small inputs.
 REFERENCE_INPUT_SIZES = (224, 192, 160, 128, 96, 64, 32)
@@ -196,6 +198,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     if known_datasets is not None:
         _one_of(config, "dataset", known_datasets)
     _positive_float(config, "model.width")
+    _one_of(config, "model.dtype", MODEL_DTYPES)
     _positive_int(config, "input_size")
     _positive_int(config, "batch_size")
     _positive_int(config, "eval_batch_size", allow_zero=True)

@@ -166,7 +166,8 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     num_target = data.registry.get(config.dataset).num_classes
     num_outputs = num_target if config.label_mapping == "new_head" else num_source
     model = models.create(arch, num_outputs, width=config.model.width,
-                          small_input=config.model.small_input)
+                          small_input=config.model.small_input,
+                          dtype=models.compute_dtype(config.model.dtype))
     if config.label_mapping == "flm" or config.label_mapping == "ilm":
         if num_target > num_source:
             raise ConfigError(

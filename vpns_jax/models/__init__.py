@@ -24,11 +24,34 @@ ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 CONV_IMPLS = ops.IMPLS  # ("auto", "xla", "im2col", "rows")
+# The computation dtypes by name: config.model.dtype and benchmarks/step.py --dtype both map through
+# `compute_dtype`. Parameters, BatchNorm statistics and logits are float32 either way.
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def default_conv_impl() -> str:
-    """'auto' (matmul lowering where XLA's CPU convolution is slow) on CPU, XLA's conv elsewhere."""
-    return "auto" if jax.default_backend() == "cpu" else "xla"
+def compute_dtype(name: str) -> Any:
+    """The jnp dtype named `name` ('float32' | 'bfloat16'); ValueError listing the names otherwise."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown computation dtype {name!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def default_conv_impl(dtype: Any = jnp.float32) -> str:
+    """'auto' (matmul lowering where XLA's CPU convolution is slow) on CPU in float32; XLA's conv
+    elsewhere and for bfloat16 on CPU (XLA's CPU dot has no fast bfloat16 path on hosts without
+    bf16 instructions: the im2col matmuls ran 2.6x slower than in float32, XLA's convolution
+    about as fast as the float32 matmul path; BENCHMARKS.md)."""
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return "xla"
+    return "auto"
+
+
+def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
+    """`model` computing in `dtype` (a clone; the same parameters). Modules without a `dtype`
+    field are returned unchanged."""
+    if not hasattr(model, "dtype") or jnp.dtype(model.dtype) == jnp.dtype(dtype):
+        return model
+    return model.clone(dtype=dtype)
 
 
 def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
@@ -48,7 +71,7 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
         raise ValueError(f"width must be > 0, got {width}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
-    conv_impl = default_conv_impl() if conv_impl is None else conv_impl
+    conv_impl = default_conv_impl(dtype) if conv_impl is None else conv_impl
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     return _BUILDERS[name](num_classes=int(num_classes), width=float(width),
@@ -76,4 +99,5 @@ def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-__all__ = ["ARCHS", "CONV_IMPLS", "create", "default_conv_impl", "init_variables", "param_count"]
+__all__ = ["ARCHS", "COMPUTE_DTYPES", "CONV_IMPLS", "compute_dtype", "create", "default_conv_impl",
+           "init_variables", "param_count", "with_dtype"]
