@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS array_record data source → grain → host numpy batches (no TensorFlow).
+"""Input pipeline: TFDS array_record data source → grain dataset API → host numpy batches (no
+TensorFlow).
 
 Three views, as in the reference (§7), all float32 NHWC in [0, 1] with 3 channels (no
 normalization):
@@ -19,29 +20,54 @@ steps and every training example appears exactly once in the epoch's permutation
 among the examples actually yielded by all processes together (exactly once unless it fell in that
 epoch's dropped remainder, which changes from epoch to epoch). The global batches, augmentation
 included (each example's crop/flip is drawn from (seed, view stream, epoch, position)), do not
-depend on ``shard_count`` or ``worker_count``. Evaluation: ``ceil(N / G)`` steps over the split in
-order; the last global batch is padded with zero images (label 0) and ``mask`` False, so every test
-example is counted exactly once on any number of processes.
+depend on ``shard_count``, ``worker_count``, ``num_threads`` or ``prefetch``. Evaluation:
+``ceil(N / G)`` steps over the split in order; the last global batch is padded with zero images
+(label 0) and ``mask`` False, so every test example is counted exactly once on any number of
+processes.
+
+The grain pipeline of a loader (one per process; ``_Ordered`` is the only hand-made node):
+
+    MapDataset.source(records)            the TFDS data source (decodes on read)
+    → _Ordered(order)                     stream position i → record key: epoch i // (steps·G),
+                                          position i mod (steps·G) of that epoch's permutation
+    → .map(_ExampleMap)                   per example: resize (+ crop + flip, drawn from the
+                                          position), float32, label int32 (+ mask)
+    → .batch(B)                           B = G / shard_count consecutive positions
+    → [shard_index::shard_count]          this process's slice of every global batch
+    → [start:]                            resume position (global step index)
+    → .to_iter_dataset(ReadOptions(num_threads, prefetch))   threads read batches ahead
+    → .mp_prefetch(MultiprocessingOptions(worker_count))     worker processes, when > 0
+
+Every node is a function of the stream index, so threads and workers only change who computes a
+batch, never its content (grain's workers take whole batches, w::W, and interleave them back in
+order). One grain iterator (a "stream") runs across epochs: ``epoch(e + 1)`` continues the stream
+``epoch(e)`` ended, so worker processes start once, not once per epoch, and read the next epoch
+ahead; an iterator asked for another position restarts the stream there.
 
 Checkpointing. ``TrainLoader.epoch(e)`` returns a ``BatchIterator``; ``get_state()`` gives a
-JSON-able dict (epoch, step, loader fingerprint) and ``TrainLoader.restore(state)`` continues with
-the same batches.
+JSON-able dict (epoch, step, loader fingerprint: dataset, view, seed, input size, global batch
+size, split size, steps per epoch; no shard index or count, so a state written by 2 processes
+restores on 1 and vice versa) and ``TrainLoader.restore(state)`` continues with the same batches
+(DataError naming the differing fields for a state of another setup).
 
-Each grain record is one whole local batch (decode + transforms run inside the data source), so
-batches are identical with or without worker processes; ``prefetch`` batches are read ahead by
-``num_threads`` threads (PIL releases the GIL) or by ``worker_count`` processes.
+Parallelism settings (``resolve_options``; config.data.worker_count / num_threads / prefetch): -1 /
+0 / 0 mean auto from the CPU cores this process may use (its CPU affinity, shared among the
+processes of a host when a launcher runs several on one host without binding them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import grain.python as grain
 import numpy as np
+from absl import logging
 
 from vpns_jax.data import registry, transforms
 from vpns_jax.data.preparation import not_prepared_error
@@ -143,7 +169,10 @@ def eval_plan(n: int, *, batch_size: int, shard_index: int, shard_count: int) ->
     return keys.reshape(steps, batch_size)[:, shard_index * local : (shard_index + 1) * local]
 
 
-# --- grain source of whole batches
+
+# --- grain pipeline
+
+_MAX_EPOCHS = 1_000_000  # a stream's length, in epochs (or evaluation passes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,119 +186,191 @@ class _Transform:
     epoch: int
 
     def __call__(self, image: np.ndarray, position: int) -> np.ndarray:
+        """uint8 image → float32 ``[S, S, 3]``; the crop/flip draw is a function of
+        (seed, stream, epoch, position) only."""
         if self.augment:
             rng = _rng(self.seed, self.stream, self.epoch, _AUGMENT, position)
             return transforms.train_transform(image, self.input_size, rng)
         return transforms.eval_transform(image, self.input_size)
 
 
-def _read(records, keys: np.ndarray) -> list[Mapping[str, Any]]:
-    """Records at ``keys``, in one bulk read when the source supports it (array_record does)."""
-    keys = [int(k) for k in keys]
-    if keys and hasattr(records, "__getitems__"):
-        try:
-            return list(records.__getitems__(keys))
-        except TypeError:  # tfds.testing.mock_data's source has a broken __getitems__
-            pass
-    return [records[k] for k in keys]
+class _Slot(NamedTuple):
+    """One stream position: the record there (None = eval padding) and where its draws come from."""
+
+    record: Mapping[str, Any] | None
+    epoch: int
+    position: int
 
 
-class _BatchSource(grain.RandomAccessDataSource):
-    """Random-access source whose element ``i`` is local batch ``i``, decoded and transformed."""
+class _TrainOrder:
+    """Record key of each position of each epoch: ``_rng(seed, stream, epoch)``'s permutation
+    (the same as ``train_plan``). Picklable (grain ships it to worker processes); caches the
+    permutations of the last epochs it saw."""
 
-    def __init__(
-        self,
-        records,
-        keys: np.ndarray,
-        positions: np.ndarray,
-        transform: _Transform,
-        with_mask: bool,
-    ):
-        self._records, self._keys, self._positions = records, keys, positions
-        self._transform, self._with_mask = transform, with_mask
+    def __init__(self, n: int, seed: int, stream: int):
+        self.n, self.seed, self.stream = n, seed, stream
+        self._cache: dict[int, np.ndarray] = {}
+
+    def locate(self, epoch: int, position: int) -> tuple[int, int, int]:
+        """(record key, epoch of the draw, position of the draw)."""
+        order = self._cache.get(epoch)
+        if order is None:
+            order = _rng(self.seed, self.stream, epoch, _ORDER).permutation(self.n)
+            if len(self._cache) >= 3:
+                self._cache = {}
+            self._cache[epoch] = order
+        return int(order[position]), epoch, position
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"n": self.n, "seed": self.seed, "stream": self.stream, "_cache": {}}
+
+
+class _EvalOrder:
+    """Every pass is the split in order, then padding (key −1); draws use (epoch 0, key)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def locate(self, epoch: int, position: int) -> tuple[int, int, int]:
+        del epoch
+        return (position if position < self.n else -1), 0, position
+
+
+class _Ordered(grain.MapDataset):
+    """Stream position ``i`` → ``_Slot`` of epoch ``i // per_epoch``, position ``i % per_epoch``
+    (the record read from the parent source, or None for padding)."""
+
+    def __init__(self, parent: grain.MapDataset, order: _TrainOrder | _EvalOrder, per_epoch: int):
+        super().__init__(parent)
+        self._order, self._per_epoch = order, per_epoch
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._per_epoch * _MAX_EPOCHS
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        keys = self._keys[index]
-        size = self._transform.input_size
-        images = np.zeros((len(keys), size, size, 3), np.float32)
-        labels = np.zeros((len(keys),), np.int32)
-        valid = np.flatnonzero(keys >= 0)
-        for i, record in zip(valid, _read(self._records, keys[valid]), strict=True):
-            images[i] = self._transform(np.asarray(record["image"]), int(self._positions[index][i]))
-            labels[i] = int(record["label"])
-        batch = {"image": images, "label": labels}
-        if self._with_mask:
-            batch["mask"] = keys >= 0
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        key, epoch, position = self._order.locate(*divmod(int(index), self._per_epoch))
+        return _Slot(self._parent[key] if key >= 0 else None, epoch, position)
+
+    def __str__(self) -> str:
+        return f"_Ordered(per_epoch={self._per_epoch}, order={type(self._order).__name__})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleMap(grain.MapTransform):
+    """``_Slot`` → {'image': f32[S, S, 3], 'label': i32[] (, 'mask': bool[])}; padding → zeros."""
+
+    input_size: int
+    augment: bool
+    seed: int
+    stream: int
+    with_mask: bool
+
+    def map(self, slot: _Slot) -> dict[str, np.ndarray]:
+        if slot.record is None:
+            image = np.zeros((self.input_size, self.input_size, 3), np.float32)
+            label = np.int32(0)
+        else:
+            transform = _Transform(self.input_size, self.augment, self.seed, self.stream,
+                                   slot.epoch)
+            image = transform(np.asarray(slot.record["image"]), slot.position)
+            label = np.int32(slot.record["label"])
+        example = {"image": image, "label": label}
+        if self.with_mask:
+            example["mask"] = np.bool_(slot.record is not None)
+        return example
+
+
+def _local_batches(records, order, *, per_epoch: int, example_map: _ExampleMap, local: int,
+             shard_index: int, shard_count: int) -> grain.MapDataset:
+    """This process's local batches, element ``j`` = global step ``j`` of the stream."""
+    ds = _Ordered(grain.MapDataset.source(records), order, per_epoch)
+    ds = ds.map(example_map).batch(local, drop_remainder=True)
+    return ds[shard_index::shard_count]
+
+
+def _mark_flags_parsed() -> None:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+
+
+class _Stream:
+    """A running grain iterator over ``batches[start:]``; ``position`` = next global step index."""
+
+    def __init__(self, batches: grain.MapDataset, start: int, options: Options):
+        self.position = start
+        ds = batches[start:].to_iter_dataset(
+            grain.ReadOptions(num_threads=options.num_threads,
+                              prefetch_buffer_size=options.prefetch))
+        if options.worker_count > 0:
+            _mark_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+        self._it = iter(ds)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.position += 1
         return batch
 
-    def __repr__(self) -> str:
-        return f"_BatchSource(batches={len(self)}, transform={self._transform})"
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
-def _grain_iterator(source: _BatchSource, *, worker_count: int, prefetch: int, num_threads: int):
-    if worker_count > 0:
-        from absl import flags
+class _StreamOwner:
+    """Keeps one stream per loader, restarting it when an iterator asks for another position."""
 
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-            flags.FLAGS.mark_as_parsed()
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.NoSharding(),
-        shuffle=False,
-        num_epochs=1,
-        seed=0,
-    )
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[],
-        worker_count=worker_count,
-        read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch),
-    )
-    return iter(loader)
+    _stream: _Stream | None = None
+    _options: Options
+
+    def _make_batches(self) -> grain.MapDataset:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _batches(self) -> grain.MapDataset:
+        return self._make_batches()
+
+    def _seek(self, index: int) -> _Stream:
+        if self._stream is None or self._stream.position != index:
+            self.close()
+            self._stream = _Stream(self._batches, index, self._options)
+        return self._stream
+
+    def close(self) -> None:
+        """Stops the running stream (its threads and worker processes), if any."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
 
 # --- iterators and loaders
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
-    """Iterator over the local batches of one epoch (or of the test split), with a checkpointable
-    position.
+    """Iterator over the local batches of one epoch (or of one pass over the eval split), with a
+    checkpointable position.
 
     ``step`` counts the batches already returned; ``len()`` is the number left.
     """
 
-    def __init__(
-        self,
-        make_source,
-        *,
-        epoch: int,
-        start_step: int,
-        steps: int,
-        fingerprint: dict,
-        worker_count: int,
-        prefetch: int,
-        num_threads: int,
-    ):
+    def __init__(self, owner: _StreamOwner, *, epoch: int, start_step: int, steps: int,
+                 base: int, fingerprint: dict):
         self.epoch, self.step, self.steps = epoch, start_step, steps
-        self._fingerprint = fingerprint
-        self._it = None
+        self._owner, self._base, self._fingerprint = owner, base, fingerprint
         if start_step < steps:
-            source = make_source(start_step)
-            self._it = _grain_iterator(
-                source, worker_count=worker_count, prefetch=prefetch, num_threads=num_threads
-            )
+            owner._seek(base + start_step)  # starts reading ahead now
 
     def __len__(self) -> int:
         return self.steps - self.step
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._it is None or self.step >= self.steps:
+        if self.step >= self.steps:
             raise StopIteration
-        batch = next(self._it)
+        batch = next(self._owner._seek(self._base + self.step))
         self.step += 1
         return batch
 
@@ -279,10 +380,63 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Options:
+class Options:
+    """Resolved parallelism of a loader: grain worker processes (0 = none), read threads per
+    process (per worker when there are workers) and batches read ahead by them."""
+
     worker_count: int = 0
-    prefetch: int = 2
     num_threads: int = 2
+    prefetch: int = 2
+
+
+_Options = Options  # the name used before issue 13
+
+
+def process_cores() -> int:
+    """CPU cores this process may use: its CPU affinity; when it is not bound to a subset and a
+    launcher says several processes share the host (LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE),
+    the host's cores divided among them."""
+    total = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = total
+    if cores >= total:
+        for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+            match = re.match(r"\d+", os.environ.get(var, ""))
+            if match and int(match.group()) > 1:
+                return max(1, cores // int(match.group()))
+    return max(1, cores)
+
+
+_WARNED: set[tuple[int, int]] = set()
+
+
+def resolve_options(worker_count: int = -1, num_threads: int = 0, prefetch: int = 0, *,
+                    cores: int | None = None) -> Options:
+    """Options from config.data's fields (-1 / 0 / 0 = auto from ``cores``, default
+    ``process_cores()``).
+
+    Auto: no worker processes on <= 4 cores, else cores // 2 (a VPNs iteration reads two views at
+    once, each from its own loader), at most 32; read threads min(16, cores) without workers, 1
+    per worker with them; prefetch max(2, threads) batches (each thread reads one batch). A worker
+    count above the cores logs a one-line warning. DataError for values below -1 / 0 / 0.
+    """
+    for name, value, low in (("worker_count", worker_count, -1), ("num_threads", num_threads, 0),
+                             ("prefetch", prefetch, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise DataError(f"{name} must be an integer >= {low} ({low} = auto), got {value!r}")
+    cores = process_cores() if cores is None else max(1, int(cores))
+    if worker_count < 0:
+        worker_count = 0 if cores <= 4 else min(32, cores // 2)
+    elif worker_count > cores and (worker_count, cores) not in _WARNED:
+        _WARNED.add((worker_count, cores))
+        logging.warning("data worker_count=%d is above the %d CPU cores this process may use: the "
+                        "workers compete for them (set config.data.worker_count=-1 for auto)",
+                        worker_count, cores)
+    num_threads = num_threads or (min(16, cores) if worker_count == 0 else 1)
+    prefetch = prefetch or max(2, num_threads)
+    return Options(int(worker_count), int(num_threads), int(prefetch))
 
 
 def _check_geometry(input_size: int, batch_size: int, shard_index: int,
@@ -295,13 +449,13 @@ def _check_geometry(input_size: int, batch_size: int, shard_index: int,
             local_batch_size(batch_size, shard_count))
 
 
-class TrainLoader:
+class TrainLoader(_StreamOwner):
     """Training-split batches for the 'train' (augmented) or 'prompt' (resize only) view.
 
     ``epoch(e)`` iterates epoch ``e``: ``steps_per_epoch`` batches ``{'image': f32[B, S, S, 3] in
     [0, 1], 'label': i32[B]}`` with B = ``local_batch_size``, the order a function of (seed, view,
     e) only. ``iter(loader)`` runs epochs 0, 1, 2, … on successive calls. ``restore(state)`` resumes
-    a checkpointed ``BatchIterator.get_state()``.
+    a checkpointed ``BatchIterator.get_state()``; ``close()`` stops the reading threads/workers.
     """
 
     def __init__(
@@ -315,7 +469,7 @@ class TrainLoader:
         seed: int,
         shard_index: int,
         shard_count: int,
-        options: _Options,
+        options: Options,
         max_steps_per_epoch: int = 0,
     ):
         self.name, self.view, self.seed = name, view, int(seed)
@@ -335,51 +489,78 @@ class TrainLoader:
                 f"batch of {self.batch_size}; lower batch_size."
             )
         self._records, self._options, self._next_epoch = records, options, 0
-        self._stream = VIEW_STREAMS[view]
+        self._stream_id = VIEW_STREAMS[view]
+
+    @property
+    def options(self) -> Options:
+        """The resolved worker / thread / prefetch settings."""
+        return self._options
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpointed state must match to be restored here."""
+        """What a checkpointed state must match to be restored here (no shard index or count: the
+        global batches do not depend on them)."""
         return {
             "dataset": self.name, "view": self.view, "seed": self.seed,
-            "input_size": self.input_size,
-            "batch_size": self.batch_size, "shard_index": self.shard_index,
-            "shard_count": self.shard_count, "num_examples": self.num_examples,
-            "steps_per_epoch": self.steps_per_epoch,
+            "input_size": self.input_size, "batch_size": self.batch_size,
+            "num_examples": self.num_examples, "steps_per_epoch": self.steps_per_epoch,
         }  # fmt: skip
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(record keys, global positions) of ``epoch``, int64 ``[steps_per_epoch, local_B]``."""
-        return train_plan(
-            self.num_examples, batch_size=self.batch_size, seed=self.seed, stream=self._stream,
-            epoch=epoch, shard_index=self.shard_index, shard_count=self.shard_count,
+        keys, positions = train_plan(
+            self.num_examples, batch_size=self.batch_size, seed=self.seed,
+            stream=self._stream_id, epoch=epoch, shard_index=self.shard_index,
+            shard_count=self.shard_count,
+        )  # fmt: skip
+        return keys[: self.steps_per_epoch], positions[: self.steps_per_epoch]
+
+    def _make_batches(self) -> grain.MapDataset:
+        return _local_batches(
+            self._records, _TrainOrder(self.num_examples, self.seed, self._stream_id),
+            per_epoch=self.steps_per_epoch * self.batch_size,
+            example_map=_ExampleMap(self.input_size, self.view == "train", self.seed,
+                                    self._stream_id, with_mask=False),
+            local=self.local_batch_size, shard_index=self.shard_index,
+            shard_count=self.shard_count,
         )  # fmt: skip
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> BatchIterator:
         """Iterator over epoch ``epoch`` (0-based), starting after ``start_step`` batches."""
-        if epoch < 0 or not 0 <= start_step <= self.steps_per_epoch:
-            raise DataError(f"epoch must be >= 0 and start_step in [0, {self.steps_per_epoch}]")
-        transform = _Transform(
-            self.input_size, self.view == "train", self.seed, self._stream, epoch
-        )
+        if not 0 <= epoch < _MAX_EPOCHS or not 0 <= start_step <= self.steps_per_epoch:
+            raise DataError(f"epoch must be in [0, {_MAX_EPOCHS}) and start_step in "
+                            f"[0, {self.steps_per_epoch}], got {epoch} and {start_step}")
+        return BatchIterator(self, epoch=epoch, start_step=start_step, steps=self.steps_per_epoch,
+                             base=epoch * self.steps_per_epoch, fingerprint=self.fingerprint)
 
-        def make_source(start: int) -> _BatchSource:
-            keys, positions = self.plan(epoch)
-            return _BatchSource(self._records, keys[start:], positions[start:], transform, False)
+    def state_at(self, epoch: int, step: int) -> dict[str, Any]:
+        """The ``get_state()`` of an iterator of ``epoch`` after ``step`` batches."""
+        return {"epoch": int(epoch), "step": int(step), "loader": self.fingerprint}
 
-        return BatchIterator(
-            make_source, epoch=epoch, start_step=start_step, steps=self.steps_per_epoch,
-            fingerprint=self.fingerprint, **dataclasses.asdict(self._options),
-        )  # fmt: skip
+    def check_state(self, state: Mapping[str, Any]) -> tuple[int, int]:
+        """(epoch, step) of a checkpointed ``get_state()``; DataError naming every fingerprint
+        field that differs from this loader's (another dataset, view, seed, size or batch)."""
+        if not isinstance(state, Mapping) or not {"epoch", "step", "loader"} <= set(state):
+            raise DataError(f"cannot restore the data iterator from {state!r}: expected the dict "
+                            "of BatchIterator.get_state() ('epoch', 'step', 'loader')")
+        saved = dict(state["loader"] or {})
+        diffs = [f"{k}={saved.get(k)!r} (this loader: {v!r})"
+                 for k, v in self.fingerprint.items() if saved.get(k) != v]
+        if diffs:
+            raise DataError("cannot restore the data iterator: it was saved with "
+                            + ", ".join(diffs) + "; resume with the dataset, view, seed, input "
+                            "size and global batch size it was written with")
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+            raise DataError(f"cannot restore the data iterator: epoch {epoch}, step {step} is "
+                            f"outside [0, {self.steps_per_epoch}] steps per epoch")
+        return epoch, step
 
     def restore(self, state: Mapping[str, Any]) -> BatchIterator:
-        """Continues from ``BatchIterator.get_state()``; DataError if saved by another setup."""
-        if dict(state.get("loader", {})) != self.fingerprint:
-            raise DataError(
-                f"cannot restore data iterator: saved for {state.get('loader')}, this loader is "
-                f"{self.fingerprint}"
-            )
-        return self.epoch(int(state["epoch"]), start_step=int(state["step"]))
+        """Continues from ``BatchIterator.get_state()`` (written by any number of processes);
+        DataError if saved by another setup."""
+        epoch, step = self.check_state(state)
+        return self.epoch(epoch, start_step=step)
 
     def __iter__(self) -> BatchIterator:
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
@@ -389,13 +570,14 @@ class TrainLoader:
         return self.steps_per_epoch
 
 
-class EvalLoader:
+class EvalLoader(_StreamOwner):
     """Batches of a whole split in order: ``{'image': f32[B, S, S, 3], 'label': i32[B],
     'mask': bool[B]}``.
 
     ``steps`` = ceil(N / global batch); padded positions have ``mask`` False (zero image, label 0).
     Images are resized to S² or, with ``augment_seed``, get the train view's crop and flip (drawn
-    from (augment_seed, example index), so the same on any number of processes).
+    from (augment_seed, example index), so the same on any number of processes). Each ``iter()``
+    is one pass (every pass yields the same batches).
     """
 
     def __init__(
@@ -407,7 +589,7 @@ class EvalLoader:
         batch_size: int,
         shard_index: int,
         shard_count: int,
-        options: _Options,
+        options: Options,
         split: str = "test",
         augment_seed: int | None = None,
     ):
@@ -417,7 +599,7 @@ class EvalLoader:
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_examples = len(records)
         self.steps = math.ceil(self.num_examples / self.batch_size)
-        self._records, self._options = records, options
+        self._records, self._options, self._passes = records, options, 0
 
     def plan(self) -> np.ndarray:
         """Record keys int64 ``[steps, local_batch_size]``, −1 = padding."""
@@ -428,33 +610,30 @@ class EvalLoader:
             shard_count=self.shard_count,
         )
 
-    def __iter__(self) -> BatchIterator:
+    def _make_batches(self) -> grain.MapDataset:
         augment = self.augment_seed is not None
-        seed = self.augment_seed if augment else 0
-        transform = _Transform(self.input_size, augment, seed, _EVAL_STREAM, 0)
+        return _local_batches(
+            self._records, _EvalOrder(self.num_examples), per_epoch=self.steps * self.batch_size,
+            example_map=_ExampleMap(self.input_size, augment, self.augment_seed or 0,
+                                    _EVAL_STREAM, with_mask=True),
+            local=self.local_batch_size, shard_index=self.shard_index,
+            shard_count=self.shard_count,
+        )  # fmt: skip
 
-        def make_source(start: int) -> _BatchSource:
-            keys = self.plan()[start:]
-            return _BatchSource(self._records, keys, np.maximum(keys, 0), transform, True)
-
+    def __iter__(self) -> BatchIterator:
+        # Pass p reads stream steps [p·steps, (p+1)·steps): a finished pass leaves the stream
+        # where the next one starts (an abandoned one restarts it there).
+        self._passes = (self._passes + 1) % _MAX_EPOCHS
         fingerprint = {"dataset": self.name, "split": self.split, "batch_size": self.batch_size}
-        return BatchIterator(
-            make_source,
-            epoch=0,
-            start_step=0,
-            steps=self.steps,
-            fingerprint=fingerprint,
-            **dataclasses.asdict(self._options),
-        )
+        return BatchIterator(self, epoch=0, start_step=0, steps=self.steps,
+                             base=(self._passes - 1) * self.steps, fingerprint=fingerprint)
 
     def __len__(self) -> int:
         return self.steps
 
 
-def _options(worker_count: int, prefetch: int, num_threads: int) -> _Options:
-    if worker_count < 0 or prefetch < 1 or num_threads < 1:
-        raise DataError("worker_count must be >= 0, prefetch and num_threads >= 1")
-    return _Options(worker_count=worker_count, prefetch=prefetch, num_threads=num_threads)
+def _options(worker_count: int, prefetch: int, num_threads: int) -> Options:
+    return resolve_options(worker_count, num_threads, prefetch)
 
 
 def train_loader(
@@ -475,6 +654,8 @@ def train_loader(
     """Loader over ``name``'s training split for ``view`` 'train' (augmented) or 'prompt' (resize
     only).
 
+    worker_count / num_threads / prefetch: grain worker processes, read threads, batches read
+    ahead (-1 / 0 / 0 = auto, see ``resolve_options``); they never change the batches.
     batch_size is global (per process: batch_size // shard_count); the remainder of each epoch is
     dropped; ``max_steps_per_epoch`` > 0 caps an epoch at that many batches (quick runs). DataError
     for an unknown dataset or view, an unprepared dataset, a non-positive input
