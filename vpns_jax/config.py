@@ -50,9 +50,10 @@ def default_config() -> mlc.ConfigDict:
     # Input pipeline (vpns_jax.data.pipeline). Results do not depend on worker_count, num_threads or
     # prefetch; augment_on_device moves resize/crop/flip into the jitted step (small stored images).
     c.data = mlc.ConfigDict({
-        "worker_count": -1,  # grain worker processes per host; -1 = auto from the host's cores
-        "num_threads": 0,  # read/decode threads per process; 0 = auto
-        "prefetch": 0,  # batches read ahead; 0 = auto
+        # grain worker processes per loader; -1 = auto (0 on <= 4 cores, else cores // 2, <= 32)
+        "worker_count": -1,
+        "num_threads": 0,  # read/decode threads per process (per worker); 0 = auto
+        "prefetch": 0,  # batches read ahead per process (per worker); 0 = auto
         "augment_on_device": False,
     })
     c.batch_size = 256  # global batch, split over devices and processes
@@ -200,6 +201,10 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _positive_float(config, "model.width")
     _one_of(config, "model.dtype", MODEL_DTYPES)
     _positive_int(config, "input_size")
+    for field, low in (("worker_count", -1), ("num_threads", 0), ("prefetch", 0)):
+        value = config.data[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            _fail(f"data.{field}", value, f"an integer >= {low} ({low} = auto from the CPU cores)")
     _positive_int(config, "batch_size")
     _positive_int(config, "eval_batch_size", allow_zero=True)
     if not isinstance(config.seed, int):
