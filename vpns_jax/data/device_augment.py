@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpns_jax.data import registry
-from vpns_jax.data.transforms import check_input_size, train_resize_size
+from vpns_jax.data.transforms import check_input_size, crop_flip_params, train_resize_size
 from vpns_jax.errors import ConfigError, DataError
 
 DeviceView = Literal["train", "prompt", "eval"]
@@ -163,3 +163,23 @@ def stored_shape(name: str) -> tuple[int, int, int]:
             f"{name}'s sizes vary; set --config.data.augment_on_device=False (on-device "
             f"augmentation supports {fixed}).")
     return shape
+
+
+def host_example(image: np.ndarray, *, shape: tuple[int, int, int], input_size: int,
+                 rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """What the host ships for one example with on-device augmentation: ``{'image': uint8 shape}``
+    as stored, plus for the train view (``rng`` given) ``'crop'``: int32[3] (top, left, flip) drawn
+    by ``transforms.crop_flip_params`` with the same draws ``transforms.train_transform`` makes.
+    DataError if the image is not uint8 of the dataset's stored ``shape`` ([H, W] counts as C=1)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype != np.uint8 or image.shape != tuple(shape):
+        raise DataError(
+            f"on-device augmentation: an image is {image.dtype} {image.shape}, not the dataset's "
+            f"stored uint8 {tuple(shape)}; set config.data.augment_on_device=False")
+    out = {"image": image}
+    if rng is not None:
+        size = check_input_size(input_size)
+        out["crop"] = np.asarray(crop_flip_params(rng, train_resize_size(size), size), np.int32)
+    return out
