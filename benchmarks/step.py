@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpns_jax import cpu_malloc
+from vpns_jax.models import COMPUTE_DTYPES
 
 STEPS = ("dense", "mask_finding", "tuning", "eval")
 
@@ -61,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--pad-size", type=int, default=None,
                    help="prompt border (default min(16, size/2))")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="JAX model computation dtype (params stay float32)")
+    p.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
+                   help="JAX model computation dtype, as config.model.dtype (params stay float32)")
     p.add_argument("--conv-impl", default=None, choices=("auto", "xla", "im2col", "rows"),
                    help="models.create(conv_impl=...) (vpns_jax.ops lowering); default: the "
                         "models' backend default")
@@ -152,7 +153,7 @@ def bench_jax(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[str
     from vpns_jax.train import optim, steps
     from vpns_jax.train import state as state_lib
 
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = models.compute_dtype(args.dtype)  # the same mapping as config.model.dtype
     options = {} if args.conv_impl is None else {"conv_impl": args.conv_impl}
     model = models.create(args.arch, 1000, width=args.width, small_input=args.small_input,
                           dtype=dtype, **options)

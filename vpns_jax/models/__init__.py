@@ -48,8 +48,9 @@ def default_conv_impl(dtype: Any = jnp.float32) -> str:
 
 def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
     """`model` computing in `dtype` (a clone; the same parameters). Modules without a `dtype`
-    field are returned unchanged."""
-    if not hasattr(model, "dtype") or jnp.dtype(model.dtype) == jnp.dtype(dtype):
+    field (or with dtype None: inferred from the inputs) are returned unchanged."""
+    current = getattr(model, "dtype", None)
+    if current is None or jnp.dtype(current) == jnp.dtype(dtype):
         return model
     return model.clone(dtype=dtype)
 

@@ -19,6 +19,12 @@ Kept counts are exact: `num_kept(N, density)` entries via `top_k_masks` (ties br
 except where a reference rule adds entries (SNIP's non-empty-layer rule) or draws at random.
 Score functions (`snip_scores`, `grasp_scores`, `synflow_scores`) take the model input `x`
 (already normalized) and return float scores per prunable path.
+
+The scores are computed in float32 whatever the model's computation dtype (a bfloat16 model from
+`config.model.dtype` is cloned to float32 for them): a criterion runs once per mask, so its cost
+does not matter, while bfloat16's 8-bit mantissa would tie most of the ranked scores, GraSP's
+Hessian-gradient product cancels large sums, and SynFlow multiplies |W| through every layer.
+The masks thus do not depend on the training dtype.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vpns_jax import prompts
+from vpns_jax import models, prompts
 from vpns_jax.sparsity.masks import apply_masks
 from vpns_jax.sparsity.scores import flatten_params, prunable_paths
 from vpns_jax.sparsity.threshold import _check_density, kth_smallest
@@ -177,11 +183,11 @@ def _with_kernels(params: Mapping, kernels: Mapping[str, Array]) -> dict:
 
 
 def _forward(model: Any, params: Mapping, batch_stats: Mapping | None, x: Array) -> Array:
-    """Eval-mode forward (BN running statistics)."""
+    """Eval-mode forward (BN running statistics), always in float32 (see the module docstring)."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-    return model.apply(variables, x, train=False)
+    return models.with_dtype(model, jnp.float32).apply(variables, x, train=False)
 
 
 def _cross_entropy(logits: Array, labels: Array) -> Array:
