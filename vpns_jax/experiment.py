@@ -142,6 +142,14 @@ def _load_pretrained(config: mlc.ConfigDict, path: str) -> tuple[str, dict, dict
     return arch, variables, meta
 
 
+def data_options(config: mlc.ConfigDict) -> dict[str, int]:
+    """The loaders' worker_count / num_threads / prefetch, resolved from config.data (auto from this
+    process's CPU cores); they never change the batches."""
+    options = data.pipeline.resolve_options(config.data.worker_count, config.data.num_threads,
+                                            config.data.prefetch)
+    return dataclasses.asdict(options)
+
+
 def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     """Validate, prepare data and weights (training a proxy if configured), build the model and loaders."""
     config_lib.validate(config, known_archs=models.ARCHS, known_datasets=data.registry.names())
@@ -177,18 +185,21 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     mesh = parallel.make_mesh()
     parallel.global_batch_size_check(config.batch_size, mesh)
     shard = {"shard_index": info.process_index, "shard_count": info.process_count}
+    pipe = data_options(config)
+    logging.info("input pipeline per loader: %s (config.data; -1/0 = auto)", pipe)
     views = {view for r in runs for stage in r.stages for view in stage.views} | {"train"}
     # 'train_b': a second augmented loader with its own shuffle (BiP's lower level, reference §5.9).
     seeds = {"train": config.seed, "prompt": config.seed, "train_b": config.seed + _SECOND_LOADER}
     loaders = {view: data.train_loader(config.dataset, view="train" if view == "train_b" else view,
                                        input_size=config.input_size, batch_size=config.batch_size,
                                        seed=seeds[view], data_dir=data_dir,
-                                       max_steps_per_epoch=config.steps_per_epoch, **shard)
+                                       max_steps_per_epoch=config.steps_per_epoch, **shard,
+                                       **pipe)
                for view in sorted(views)}
     eval_batch = config.eval_batch_size or config.batch_size
     parallel.global_batch_size_check(eval_batch, mesh)
     eval_loader = data.eval_loader(config.dataset, input_size=config.input_size,
-                                   batch_size=eval_batch, data_dir=data_dir, **shard)
+                                   batch_size=eval_batch, data_dir=data_dir, **shard, **pipe)
     spec = prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
                               output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
                               mask_size=config.prompt.mask_size)
@@ -202,7 +213,7 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
         for label mapping and the data-driven criteria); unsharded: every process reads it all."""
         loader = data.eval_loader(config.dataset, split="train", augment_seed=config.seed + epoch,
                                   input_size=config.input_size, batch_size=eval_batch,
-                                  data_dir=data_dir, **(shard if sharded else {}))
+                                  data_dir=data_dir, **(shard if sharded else {}), **pipe)
         return itertools.islice(loader, config.steps_per_epoch or None)
 
     ctx.env = runner.Env(config=config, workdir=workdir, base_key=base_key(config), model=model,

@@ -37,7 +37,9 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
     loader = data.train_loader(p.dataset, view="train", input_size=config.input_size,
                                batch_size=p.batch_size, seed=config.seed, data_dir=data_dir,
                                shard_index=info.process_index, shard_count=info.process_count,
-                               max_steps_per_epoch=p.steps_per_epoch)
+                               max_steps_per_epoch=p.steps_per_epoch,
+                               worker_count=config.data.worker_count,
+                               num_threads=config.data.num_threads, prefetch=config.data.prefetch)
     # Plain SGD training from scratch (momentum 0.9, L2 1e-4, cosine), one pass per batch.
     stage = train.Stage("proxy", p.epochs, params=train.sgd(p.lr, 0.9, 1e-4),
                         passes=train.UNPROMPTED)
