@@ -323,6 +323,8 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
             state, meta = ckpt.restore(latest, abstract_state=template(env, run.stages, i, fresh))
             state, progress = env.replicate(state), dict(meta)
             progress['label_map'] = _label_map(progress['label_map'])
+            for view, data_state in (progress.get('data') or {}).items():
+                env.loaders[view].check_state(data_state)  # DataError: another dataset/seed/batch
             logging.info('%s: resuming stage %s at epoch %d, iteration %d', run.name, stage.name,
                          progress['epoch'] + 1, progress['iteration'])
         else:
@@ -354,7 +356,9 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
     def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any) -> None:
         stage_seconds = stage_before + time.perf_counter() - started
         progress.update(epoch=epoch, iteration=iteration, label_map=_label_map(label_map),
-                        stage_seconds=stage_seconds, chain_seconds=seconds_before + stage_seconds)
+                        stage_seconds=stage_seconds, chain_seconds=seconds_before + stage_seconds,
+                        data={v: env.loaders[v].state_at(epoch, iteration) for v in stage.views
+                              if hasattr(env.loaders[v], 'state_at')})  # topology-free position
         ckpt.save(epoch * spe + iteration, state, _meta(progress))
 
     def epoch_hook(end: train.EpochEnd) -> None:
