@@ -69,7 +69,7 @@ import grain.python as grain
 import numpy as np
 from absl import logging
 
-from vpns_jax.data import registry, transforms
+from vpns_jax.data import device_augment, registry, transforms
 from vpns_jax.data.preparation import not_prepared_error
 from vpns_jax.errors import DataError
 
@@ -259,15 +259,20 @@ class _Ordered(grain.MapDataset):
 
 @dataclasses.dataclass(frozen=True)
 class _ExampleMap(grain.MapTransform):
-    """``_Slot`` → {'image': f32[S, S, 3], 'label': i32[] (, 'mask': bool[])}; padding → zeros."""
+    """``_Slot`` → {'image': f32[S, S, 3], 'label': i32[] (, 'mask': bool[])}; padding → zeros.
+    With ``stored_shape`` (on-device augmentation): 'image' uint8 as stored, plus 'crop' i32[3]
+    for the train view (``device_augment.host_example``)."""
 
     input_size: int
     augment: bool
     seed: int
     stream: int
     with_mask: bool
+    stored_shape: tuple[int, int, int] | None = None
 
     def map(self, slot: _Slot) -> dict[str, np.ndarray]:
+        if self.stored_shape is not None:
+            return self._shipped(slot)
         if slot.record is None:
             image = np.zeros((self.input_size, self.input_size, 3), np.float32)
             label = np.int32(0)
@@ -277,6 +282,23 @@ class _ExampleMap(grain.MapTransform):
             image = transform(np.asarray(slot.record["image"]), slot.position)
             label = np.int32(slot.record["label"])
         example = {"image": image, "label": label}
+        if self.with_mask:
+            example["mask"] = np.bool_(slot.record is not None)
+        return example
+
+    def _shipped(self, slot: _Slot) -> dict[str, np.ndarray]:
+        """On-device augmentation: the same rng draws as ``_Transform``, no resize on the host."""
+        if slot.record is None:
+            example = {"image": np.zeros(self.stored_shape, np.uint8), "label": np.int32(0)}
+            if self.augment:
+                example["crop"] = np.zeros(3, np.int32)
+        else:
+            rng = (_rng(self.seed, self.stream, slot.epoch, _AUGMENT, slot.position)
+                   if self.augment else None)
+            example = device_augment.host_example(
+                np.asarray(slot.record["image"]), shape=self.stored_shape,
+                input_size=self.input_size, rng=rng)
+            example["label"] = np.int32(slot.record["label"])
         if self.with_mask:
             example["mask"] = np.bool_(slot.record is not None)
         return example
@@ -471,8 +493,10 @@ class TrainLoader(_StreamOwner):
         shard_count: int,
         options: Options,
         max_steps_per_epoch: int = 0,
+        on_device: bool = False,
     ):
         self.name, self.view, self.seed = name, view, int(seed)
+        self.stored_shape = device_augment.stored_shape(name) if on_device else None
         self.input_size, self.batch_size, self.local_batch_size = _check_geometry(
             input_size, batch_size, shard_index, shard_count)
         self.shard_index, self.shard_count = shard_index, shard_count
@@ -520,7 +544,8 @@ class TrainLoader(_StreamOwner):
             self._records, _TrainOrder(self.num_examples, self.seed, self._stream_id),
             per_epoch=self.steps_per_epoch * self.batch_size,
             example_map=_ExampleMap(self.input_size, self.view == "train", self.seed,
-                                    self._stream_id, with_mask=False),
+                                    self._stream_id, with_mask=False,
+                                    stored_shape=self.stored_shape),
             local=self.local_batch_size, shard_index=self.shard_index,
             shard_count=self.shard_count,
         )  # fmt: skip
@@ -592,8 +617,10 @@ class EvalLoader(_StreamOwner):
         options: Options,
         split: str = "test",
         augment_seed: int | None = None,
+        on_device: bool = False,
     ):
         self.name, self.split, self.augment_seed = name, split, augment_seed
+        self.stored_shape = device_augment.stored_shape(name) if on_device else None
         self.input_size, self.batch_size, self.local_batch_size = _check_geometry(
             input_size, batch_size, shard_index, shard_count)
         self.shard_index, self.shard_count = shard_index, shard_count
@@ -615,7 +642,8 @@ class EvalLoader(_StreamOwner):
         return _local_batches(
             self._records, _EvalOrder(self.num_examples), per_epoch=self.steps * self.batch_size,
             example_map=_ExampleMap(self.input_size, augment, self.augment_seed or 0,
-                                    _EVAL_STREAM, with_mask=True),
+                                    _EVAL_STREAM, with_mask=True,
+                                    stored_shape=self.stored_shape),
             local=self.local_batch_size, shard_index=self.shard_index,
             shard_count=self.shard_count,
         )  # fmt: skip
@@ -650,6 +678,7 @@ def train_loader(
     prefetch: int = 2,
     num_threads: int = 2,
     max_steps_per_epoch: int = 0,
+    on_device: bool = False,
 ) -> TrainLoader:
     """Loader over ``name``'s training split for ``view`` 'train' (augmented) or 'prompt' (resize
     only).
@@ -657,7 +686,10 @@ def train_loader(
     worker_count / num_threads / prefetch: grain worker processes, read threads, batches read
     ahead (-1 / 0 / 0 = auto, see ``resolve_options``); they never change the batches.
     batch_size is global (per process: batch_size // shard_count); the remainder of each epoch is
-    dropped; ``max_steps_per_epoch`` > 0 caps an epoch at that many batches (quick runs). DataError
+    dropped; ``max_steps_per_epoch`` > 0 caps an epoch at that many batches (quick runs).
+    ``on_device`` (config.data.augment_on_device): 'image' is uint8 ``[B, H, W, C]`` as stored,
+    plus 'crop' i32[B, 3] (top, left, flip) for the train view, for ``device_augment.apply`` in
+    the jitted step (ConfigError for a dataset without one stored size). DataError
     for an unknown dataset or view, an unprepared dataset, a non-positive input
     size or a batch size that does not divide among the processes.
     """
@@ -671,7 +703,7 @@ def train_loader(
         name, records, view=view, input_size=input_size, batch_size=batch_size, seed=seed,
         shard_index=shard_index, shard_count=shard_count,
         options=_options(worker_count, prefetch, num_threads),
-        max_steps_per_epoch=max_steps_per_epoch,
+        max_steps_per_epoch=max_steps_per_epoch, on_device=on_device,
     )  # fmt: skip
 
 
@@ -688,12 +720,14 @@ def eval_loader(
     worker_count: int = 0,
     prefetch: int = 2,
     num_threads: int = 2,
+    on_device: bool = False,
 ) -> EvalLoader:
     """Loader over all of ``name``'s ``split`` in order, last batch padded, with a validity mask.
 
     Default: the test split, resized (evaluation). ``split='train'`` passes over every training
     example once (e.g. for frequency label mapping); ``augment_seed`` (int >= 0) applies the train
-    view's random crop and flip, as the reference's label mapping does.
+    view's random crop and flip, as the reference's label mapping does. ``on_device``: as for
+    ``train_loader`` ('crop' only with ``augment_seed``).
     """
     transforms.check_input_size(input_size)
     if augment_seed is not None and (
@@ -706,5 +740,5 @@ def eval_loader(
     return EvalLoader(
         name, records, input_size=input_size, batch_size=batch_size, shard_index=shard_index,
         shard_count=shard_count, options=_options(worker_count, prefetch, num_threads),
-        split=split, augment_seed=augment_seed,
+        split=split, augment_seed=augment_seed, on_device=on_device,
     )  # fmt: skip
