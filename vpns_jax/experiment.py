@@ -26,6 +26,7 @@ from flax import traverse_util
 from vpns_jax import checkpoint, data, methods, models, parallel, prompts, report, runner, sparsity, train
 from vpns_jax import config as config_lib
 from vpns_jax import weights as weights_lib
+from vpns_jax.data import device_augment
 from vpns_jax.errors import CheckpointError, ConfigError
 from vpns_jax.methods.plan import Run, run_id
 
@@ -153,6 +154,10 @@ def data_options(config: mlc.ConfigDict) -> dict[str, int]:
 def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     """Validate, prepare data and weights (training a proxy if configured), build the model and loaders."""
     config_lib.validate(config, known_archs=models.ARCHS, known_datasets=data.registry.names())
+    # uint8 batches at the stored size, augmented inside the jitted steps (small fixed-size sets)
+    on_device = bool(config.data.augment_on_device)
+    if on_device:
+        device_augment.stored_shape(config.dataset)  # ConfigError for variable-size datasets
     runs = plan(config)  # every method's options are checked here, before anything is written
     info = parallel.process_info()
     os.makedirs(workdir, exist_ok=True)
@@ -194,12 +199,13 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
                                        input_size=config.input_size, batch_size=config.batch_size,
                                        seed=seeds[view], data_dir=data_dir,
                                        max_steps_per_epoch=config.steps_per_epoch, **shard,
-                                       **pipe)
+                                       **pipe, on_device=on_device)
                for view in sorted(views)}
     eval_batch = config.eval_batch_size or config.batch_size
     parallel.global_batch_size_check(eval_batch, mesh)
     eval_loader = data.eval_loader(config.dataset, input_size=config.input_size,
-                                   batch_size=eval_batch, data_dir=data_dir, **shard, **pipe)
+                                   batch_size=eval_batch, data_dir=data_dir, **shard, **pipe,
+                                   on_device=on_device)
     spec = prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
                               output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
                               mask_size=config.prompt.mask_size)
@@ -208,19 +214,21 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
                   mesh=mesh, loaders=loaders, eval_loader=eval_loader, primary=info.is_primary,
                   runs=runs, previous=previous)
 
-    def train_split(epoch: int, sharded: bool = True):
+    def train_split(epoch: int, sharded: bool = True, on_device: bool = on_device):
         """The training split once, with the training augmentation (the reference's train loader
-        for label mapping and the data-driven criteria); unsharded: every process reads it all."""
+        for label mapping and the data-driven criteria); unsharded: every process reads it all.
+        The criteria run on host batches: always augmented on the host."""
         loader = data.eval_loader(config.dataset, split="train", augment_seed=config.seed + epoch,
                                   input_size=config.input_size, batch_size=eval_batch,
-                                  data_dir=data_dir, **(shard if sharded else {}), **pipe)
+                                  data_dir=data_dir, **(shard if sharded else {}), **pipe,
+                                  on_device=on_device)
         return itertools.islice(loader, config.steps_per_epoch or None)
 
     ctx.env = runner.Env(config=config, workdir=workdir, base_key=base_key(config), model=model,
                          initial=_initial_variables(ctx), prompt_spec=spec, loaders=loaders,
                          num_source=num_source, num_target=num_target, put=ctx.put,
                          replicate=ctx.replicate, label_map_batches=train_split,
-                         criterion_batches=lambda: train_split(0, sharded=False),
+                         criterion_batches=lambda: train_split(0, sharded=False, on_device=False),
                          evaluate=lambda state, stage, label_map: train.evaluate(
                              ctx.env.steps.eval(stage, prompted=False), state, eval_loader,
                              label_map, ctx.put)["accuracy"],
