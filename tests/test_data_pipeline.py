@@ -6,6 +6,7 @@ Catalogue datasets: through ``tfds.testing.mock_data``.
 
 import importlib.util
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -121,27 +122,32 @@ def test_two_processes_cover_each_example_at_most_once_and_match_one_process(dat
 def test_eval_pads_last_batch_and_counts_every_example_once(data_dir):
     records = pipeline.open_split("digits", "test", data_dir=data_dir)
     labels = np.array([records[i]["label"] for i in range(359)])
-    for shard_count in (1, 2, 4):
+    for shard_count in (1, 2, 3, 4):
         seen, label_sum = [], 0
         for p in range(shard_count):
             loader = pipeline.eval_loader(
-                "digits", input_size=S, batch_size=64, data_dir=data_dir,
+                "digits", input_size=S, batch_size=48, data_dir=data_dir,
                 shard_index=p, shard_count=shard_count,
             )  # fmt: skip
-            assert loader.steps == 6
+            assert loader.steps == 8  # ceil(359 / 48); 8 · 48 − 359 = 25 padded positions
             keys = loader.plan()
             for step, batch in enumerate(loader):
-                assert batch["image"].shape == (64 // shard_count, S, S, 3)
+                assert batch["image"].shape == (48 // shard_count, S, S, 3)
                 assert batch["mask"].dtype == bool
                 np.testing.assert_array_equal(batch["mask"], keys[step] >= 0)
                 assert not batch["image"][~batch["mask"]].any()
+                assert not batch["label"][~batch["mask"]].any()
                 seen += keys[step][batch["mask"]].tolist()
                 label_sum += int(batch["label"][batch["mask"]].sum())
         assert sorted(seen) == list(range(359))
         assert label_sum == labels.sum()
-    in_order = [b["label"][b["mask"]] for b in pipeline.eval_loader(
-        "digits", input_size=S, batch_size=64, data_dir=data_dir)]  # fmt: skip
+    loader = pipeline.eval_loader("digits", input_size=S, batch_size=64, data_dir=data_dir)
+    in_order = [b["label"][b["mask"]] for b in loader]
     np.testing.assert_array_equal(np.concatenate(in_order), labels)
+    # the next pass continues the same stream, an abandoned pass restarts it: same batches again
+    next(iter(loader))
+    again = [b["label"][b["mask"]] for b in loader]
+    np.testing.assert_array_equal(np.concatenate(again), labels)
 
 
 def test_eval_loader_over_train_split_with_augmentation_sees_every_example_once(data_dir):
@@ -172,6 +178,7 @@ def test_restored_iterator_continues_identically(data_dir):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     assert state["epoch"] == 3 and state["step"] == 5
+    assert state == loader.state_at(3, 5)
     fresh = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=1, data_dir=data_dir)
     resumed = fresh.restore(state)
     assert len(resumed) == 22 - 5
@@ -179,20 +186,120 @@ def test_restored_iterator_continues_identically(data_dir):
     assert len(rest) == 17
     for x, y in zip(rest, reference[5:], strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
     other = pipeline.train_loader("digits", input_size=S, batch_size=64, seed=2, data_dir=data_dir)
-    with pytest.raises(DataError, match="cannot restore"):
+    with pytest.raises(DataError, match=r"cannot restore.*seed=1 \(this loader: 2\)"):
         other.restore(state)
+    smaller = pipeline.train_loader("digits", input_size=S, batch_size=32, seed=1, data_dir=data_dir)
+    with pytest.raises(DataError, match=r"batch_size=64 \(this loader: 32\), steps_per_epoch=22 "
+                       r"\(this loader: 44\)"):
+        smaller.restore(state)
+    prompt = pipeline.train_loader("digits", view="prompt", input_size=S, batch_size=64, seed=1,
+                                   data_dir=data_dir)
+    with pytest.raises(DataError, match=r"view='train' \(this loader: 'prompt'\)"):
+        prompt.restore(state)
+    with pytest.raises(DataError, match="expected the dict of BatchIterator.get_state"):
+        fresh.restore({"epoch": 3})
 
 
-def test_worker_processes_give_the_same_batches(data_dir):
-    a = _epoch(data_dir, epoch=0)[:4]
-    loader = pipeline.train_loader(
-        "digits", input_size=S, batch_size=64, seed=7, data_dir=data_dir, worker_count=1
-    )
-    it = loader.epoch(0)
-    b = [next(it) for _ in range(4)]
-    for x, y in zip(a, b, strict=True):
+def test_state_written_by_two_processes_resumes_on_one_and_four(data_dir):
+    """The state holds the global position only: a 2-process run's checkpoint resumes on 1 or 4
+    processes with exactly the remaining global batches of the epoch."""
+    kwargs = dict(input_size=S, batch_size=64, seed=4, data_dir=data_dir)
+    whole = list(pipeline.train_loader("digits", **kwargs).epoch(1))
+    states = []
+    for p in range(2):
+        it = pipeline.train_loader("digits", shard_index=p, shard_count=2, **kwargs).epoch(1)
+        for _ in range(7):
+            next(it)
+        states.append(it.get_state())
+    assert states[0] == states[1]  # no shard index or count in it
+    rest = list(pipeline.train_loader("digits", **kwargs).restore(states[0]))
+    assert len(rest) == 22 - 7
+    for shard_count in (1, 4):
+        parts = [list(pipeline.train_loader("digits", shard_index=p, shard_count=shard_count,
+                                            **kwargs).restore(states[1]))
+                 for p in range(shard_count)]
+        for step, batch in enumerate(whole[7:]):
+            for field in ("image", "label"):
+                np.testing.assert_array_equal(
+                    np.concatenate([part[step][field] for part in parts]), batch[field])
+    for x, y in zip(rest, whole[7:], strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_global_batches_do_not_depend_on_shards_workers_or_threads(data_dir):
+    """Epochs 0 and 1 (4 steps each, so the stream crosses an epoch boundary): the concatenated
+    shards of 1, 2 and 4 processes, and 0 or 2 worker processes with 1 or 4 threads, all give the
+    same global batches."""
+    kwargs = dict(input_size=S, batch_size=64, seed=9, data_dir=data_dir, max_steps_per_epoch=4)
+
+    def run(shard_count=1, **options):
+        loaders = [pipeline.train_loader("digits", shard_index=p, shard_count=shard_count,
+                                         **kwargs, **options) for p in range(shard_count)]
+        try:
+            out = []
+            for epoch in (0, 1):
+                its = [loader.epoch(epoch) for loader in loaders]
+                for parts in zip(*its, strict=True):
+                    out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            return out
+        finally:
+            for loader in loaders:
+                loader.close()
+
+    reference = run(worker_count=0, num_threads=1, prefetch=1)
+    assert len(reference) == 8
+    keys0, _ = pipeline.train_plan(1438, batch_size=64, seed=9, stream=0, epoch=0, shard_index=0,
+                                   shard_count=1)
+    records = pipeline.open_split("digits", "train", data_dir=data_dir)
+    np.testing.assert_array_equal(reference[3]["label"],
+                                  [records[int(k)]["label"] for k in keys0[3]])
+    for setting in (dict(shard_count=2), dict(shard_count=4), dict(num_threads=4, prefetch=8),
+                    dict(worker_count=2, num_threads=2)):
+        for x, y in zip(run(**setting), reference, strict=True):
+            assert x.keys() == y.keys() == {"image", "label"}, setting
+            for field in x:
+                np.testing.assert_array_equal(x[field], y[field], err_msg=str(setting))
+
+
+def test_resolve_options_auto_and_warning(monkeypatch, caplog):
+    assert pipeline.resolve_options(-1, 0, 0, cores=2) == pipeline.Options(0, 2, 2)
+    assert pipeline.resolve_options(-1, 0, 0, cores=4) == pipeline.Options(0, 4, 4)
+    assert pipeline.resolve_options(-1, 0, 0, cores=16) == pipeline.Options(8, 1, 2)
+    assert pipeline.resolve_options(-1, 0, 0, cores=96) == pipeline.Options(32, 1, 2)
+    assert pipeline.resolve_options(0, 0, 0, cores=32) == pipeline.Options(0, 16, 16)
+    assert pipeline.resolve_options(3, 2, 5, cores=8) == pipeline.Options(3, 2, 5)
+    monkeypatch.setattr(pipeline, "_WARNED", set())
+    with caplog.at_level(logging.WARNING):
+        assert pipeline.resolve_options(6, 0, 0, cores=2) == pipeline.Options(6, 1, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["data worker_count=6 is above the 2 CPU cores this process may use: the "
+                        "workers compete for them (set config.data.worker_count=-1 for auto)"]
+    for bad, match in (((-2, 0, 0), "worker_count must be an integer >= -1"),
+                       ((0, -1, 0), "num_threads must be an integer >= 0"),
+                       ((0, 0, 1.5), "prefetch must be an integer >= 0")):
+        with pytest.raises(DataError, match=match):
+            pipeline.resolve_options(*bad, cores=2)
+    # cores: the affinity; shared among a host's processes only when they are not bound
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert pipeline.process_cores() == 4
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.process_cores() == 2
+
+
+def test_config_data_fields_are_validated():
+    from vpns_jax import config as config_lib
+    from vpns_jax.errors import ConfigError
+
+    for field, value in (("worker_count", -2), ("num_threads", -1), ("prefetch", None),
+                         ("num_threads", True)):
+        config = config_lib.default_config()
+        config.data[field] = value
+        with pytest.raises(ConfigError, match=rf"config\.data\.{field} = {value!r} is not allowed"):
+            config_lib.validate(config)
 
 
 @pytest.mark.parametrize(
