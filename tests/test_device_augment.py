@@ -6,6 +6,8 @@ after each pass), so the tests count differing pixels and require none (the issu
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,3 +268,14 @@ def test_experiment_refuses_variable_size_dataset(tmp_path):
     with pytest.raises(ConfigError, match="augment_on_device.*food101's sizes vary"):
         experiment.setup(_setup_config(tmp_path, "food101"), str(tmp_path / "run"))
     assert not (tmp_path / "run" / "config.json").exists()  # refused before anything is written
+
+
+def test_benchmark_runs_at_a_toy_size(data_dir, capsys):
+    from benchmarks import device_augment as bench
+
+    record = bench.main(["--dataset", "digits", "--data_dir", data_dir, "--sizes", "16",
+                         "--batches", "1", "--batch_size", "16"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
+    assert [(r["input_size"], r["view"]) for r in record["results"]] == [(16, "prompt"),
+                                                                           (16, "train")]
+    assert all(r[k] > 0 for r in record["results"] for k in r if k.endswith("_s"))
