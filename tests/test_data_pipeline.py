@@ -377,3 +377,20 @@ def test_cli_show_and_errors(data_dir, tmp_path, capsys):
     assert "classes: 10" in printed and out.stat().st_size > 1000
     assert cli.main(["show", "--dataset", "nope"]) == 2
     assert "known datasets" in capsys.readouterr().err
+
+
+def test_pipeline_benchmark_runs_at_toy_size(data_dir, capsys):
+    """benchmarks/data_pipeline.py end to end (so it cannot rot): both views, with a worker."""
+    from benchmarks import data_pipeline as bench
+
+    record = bench.main(["--data_dir", str(data_dir), "--datasets", "digits", "--sizes", "8",
+                         "--settings", "0x1,1x1", "--batches", "2", "--batch_size", "16",
+                         "--repeats", "1", "--target", "100"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
+    rows = record["results"]
+    assert [(r["view"], r["worker_count"]) for r in rows] == [
+        ("prompt", 0), ("prompt", 1), ("train", 0), ("train", 1)]
+    assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
+    per_core = np.mean([max(r["images_per_cpu_s"] for r in rows if r["view"] == v)
+                        for v in ("prompt", "train")])
+    assert record["cores_for_target"]["digits@8"]["cores_for_target"] == round(100 / per_core, 1)
