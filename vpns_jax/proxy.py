@@ -19,7 +19,8 @@ from vpns_jax import weights as weights_lib
 
 
 def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None = None) -> dict:
-    """Train `config.arch` (with `config.model` options) on `config.proxy.dataset` from scratch.
+    """Train `config.arch` (with `config.model` width/small_input, in float32) on
+    `config.proxy.dataset` from scratch.
 
     Dense SGD (momentum 0.9, L2 1e-4, cosine per epoch) at `config.input_size`, the dataset's own classes
     as the head. Writes `out_path` in the project weights format and returns its metadata.
@@ -29,6 +30,8 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
     num_classes = data.registry.get(p.dataset).num_classes
     options = {"num_classes": num_classes, "width": config.model.width,
                "small_input": config.model.small_input}
+    # Always float32, whatever config.model.dtype: the proxy stands in for downloaded ImageNet
+    # weights, made once and shared, so float32 and bfloat16 runs start from the same weights.
     model = models.create(config.arch, **options)
     rng = jax.random.PRNGKey(config.seed)
     variables = jax.device_get(models.init_variables(model, rng, config.input_size))
