@@ -292,3 +292,95 @@ def test_slurm_script_runs_two_local_processes(tmp_path):
         assert row["coordinator"] == f"localhost:{port}"
         assert row["argv"] == USER_ARGS
         assert row["total"] == [3.0, 3.0, 3.0]  # 1 + 2, summed across the processes
+
+
+# ------------------------------------------------------------------ benchmarks/scaling.py
+
+_HLO = """\
+HloModule jit_train_step, entry_computation_layout={...}
+ENTRY %main.1 (p: f32[4]) -> f32[4] {
+  %all-reduce.1 = f32[128]{0} all-reduce(%x), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%r, metadata={op_name="jit(train_step)/jvp(ResNet)/layer1_0/bn1/reduce_sum" stack_frame_id=3}
+  %add.2 = f32[8]{0} add(%a, %b)
+  %all-reduce.2 = (f32[16,147]{1,0}, f32[1000,128]{1,0}, /*index=2*/bf16[3]{0}) all-reduce(%a, %b, %c), channel_id=2, to_apply=%r, metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/conv1/dot_general"}
+  %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%p, %q), channel_id=3, to_apply=%r, metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/layer2_0/downsample_1/mul"}
+  %ard = (f32[8]{0}, f32[8]{0}) all-reduce-done(%ars)
+  %ags = (f32[4]{0}, f32[32]{0}) all-gather-start(%p), dimensions={0}
+  %agd = f32[32]{0} all-gather-done(%ags)
+  ROOT %all-reduce.3 = f32[] all-reduce(%loss), channel_id=4, to_apply=%r
+}
+"""  # noqa: E501 (HLO lines as XLA prints them)
+
+
+def test_scaling_reads_collectives_from_hlo_text():
+    from benchmarks import scaling
+
+    found = scaling.hlo_collectives(_HLO)
+    assert [c["op"] for c in found] == ["all-reduce", "all-reduce", "all-reduce-start",
+                                        "all-gather-start", "all-reduce"]
+    assert found[1]["tensors"] == [("f32", (16, 147)), ("f32", (1000, 128)), ("bf16", (3,))]
+    assert found[2]["tensors"] == [("f32", (8,)), ("f32", (8,))]
+    assert found[3]["tensors"] == [("f32", (4,))]  # the operand, not the (operand, result) pair
+    rows = scaling.classify(found)
+    assert [(r["kind"], r["elements"], r["bytes"]) for r in rows] == [
+        ("bn_forward", 128, 512), ("gradient", 2352, 9408), ("gradient", 128000, 512000),
+        ("gradient", 3, 6), ("bn_backward", 8, 32), ("bn_backward", 8, 32), ("gradient", 4, 16),
+        ("scalar", 1, 4)]
+    leaves = {"pass0": {"scores['conv1']": 2352, "prompt['program']": 3},
+              "pass1": {"scores['conv1']": 2352, "scores['fc']": 128000}}
+    grads = [dict(r) for r in rows if r["kind"] == "gradient"]
+    assert scaling.match_gradients(grads, leaves) == [4]
+    assert [r.get("leaf") for r in grads] == ["scores['conv1']", "scores['fc']", "prompt['program']",
+                                              None]
+
+
+def test_scaling_cost_model_hand_computed():
+    from benchmarks import scaling
+
+    # 8 H100s: NVLink (450 GB/s, 10 us); 16: InfiniBand (50 GB/s, 30 us) per collective.
+    assert scaling.ring_seconds([10**9, 0], 8, "h100") == pytest.approx(
+        2 * 7 / 8 * 1e9 / 450e9 + 2 * 10e-6)
+    assert scaling.ring_seconds([10**9], 16, "h100") == pytest.approx(2 * 15 / 16 * 1e9 / 50e9 + 30e-6)
+    assert scaling.ring_seconds([10**9], 1, "tpu_v4") == 0.0
+    m = {"flops_per_image": 2e10, "flops_constant": 1e9}
+    row = scaling.cost_model(m, [4 * 10**7] * 3, 1024, 64, "tpu_v5e", "bfloat16", 0.5)
+    flops_per_s = 197e12 * 0.5
+    assert row["compute_ms"] == pytest.approx((16 * 2e10 + 1e9) / flops_per_s * 1e3)
+    assert row["comm_ms"] == pytest.approx(3 * (2 * 63 / 64 * 4e7 / 200e9 + 10e-6) * 1e3)
+    # At the break-even batch per chip, compute equals communication.
+    even = row["break_even_images_per_chip"]
+    assert (even * 2e10 + 1e9) / flops_per_s == pytest.approx(row["comm_ms"] / 1e3)
+
+
+def test_scaling_smoke_counts_every_gradient(tmp_path):
+    """A tiny ResNet-18 tuning step on 2 forced devices: every parameter's and the prompt's gradient
+    is all-reduced once per pass that differentiates it, as the state's own leaves count them."""
+    import jax
+
+    from vpns_jax import models, prompts
+
+    width, hlo_size, size = 0.0625, 16, 24
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling", "--archs", "resnet18", "--stages", "tuning",
+         "--width", str(width), "--hlo-size", str(hlo_size), "--size", str(size), "--devices", "2",
+         "--flops-batches", "off", "--json", str(out)],
+        cwd=ROOT, env=_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m,) = json.loads(out.read_text())["measured"]
+    variables = models.init_variables(models.create("resnet18", 1000, width=width),
+                                      jax.random.key(0), hlo_size)
+    n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+    def prompt_elements(px: int) -> int:
+        spec = prompts.PromptSpec("pad", input_size=px, output_size=px, pad_size=min(16, px // 2))
+        return sum(x.size for x in jax.tree.leaves(prompts.init_prompt(spec)))
+
+    assert m["gradients_unmatched"] == []
+    assert list(m["gradient_elements_expected"].values()) == [n_params + prompt_elements(hlo_size),
+                                                              n_params]
+    assert m["gradient_elements_hlo"] == 2 * n_params + prompt_elements(hlo_size)
+    assert m["gradient_dtypes"] == ["f32"]
+    # At --size the prompt is bigger; nothing else changes.
+    assert m["bytes_by_kind"]["gradient"] == 4 * (2 * n_params + prompt_elements(size))
+    assert m["bn_tensors"] > 0 and m["all_reduce_ops"] == len(m["collective_bytes"])
+    assert sum(m["collective_bytes"]) == m["bytes_per_iteration"] == sum(m["bytes_by_kind"].values())
