@@ -15,11 +15,12 @@ second as the consumer sees it (host numpy, no device transfer), best and range 
 ``--repeats``; and images per CPU-second of this process and its worker processes (all threads;
 steadier than wall clock on a shared machine) = the rate one fully used core sustains.
 
-Prints a table, the cores a host needs for ``--target`` images/s at each size (the target divided
-by the mean of the two views' images/CPU-s of the best setting; the issue's 6,700 = a 30 + 30-epoch
-CIFAR-100 ResNet-18 VPNs run, two views per iteration, in 15 min), what one VPNs iteration consumes
-at the model step's rate if ``--step_json`` names a line printed by ``benchmarks.step`` (its
-mask_finding / tuning images/s; half prompt view, half train view), and a final JSON line.
+Prints a table; the cores a host needs for ``--target`` images/s at each size (the target divided
+by the harmonic mean of the two views' best images/CPU-s, as half the images are each view; the
+issue's 6,700 = a 30 + 30-epoch CIFAR-100 ResNet-18 VPNs run, two views per iteration, in 15 min);
+what one VPNs iteration consumes at the model step's rate if ``--step_json`` names a file whose
+last JSON line is ``benchmarks.step``'s output (mask_finding / tuning images/s, half per view);
+and a final JSON line.
 """
 
 from __future__ import annotations
@@ -187,10 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows = [r for r in results if (r["dataset"], r["input_size"], r["view"]) ==
                         (name, size, view)]
                 best[view] = max(r["images_per_cpu_s"] for r in rows)
-            per_core = float(np.mean(list(best.values())))  # the target is half each view
+            # half the target is each view: CPU-seconds add, so the harmonic mean of the rates
+            per_core = 1.0 / float(np.mean([1.0 / r for r in best.values()]))
             cores[f"{name}@{size}"] = {"images_per_cpu_s": round(per_core, 1),
                                        "cores_for_target": round(args.target / per_core, 1)}
-            print(f"{name} at {size} px: {per_core:.0f} img/CPU-s (mean of the views' best) → "
+            print(f"{name} at {size} px: {per_core:.0f} img/CPU-s (harmonic mean of the views' best) → "
                   f"{args.target / per_core:.1f} cores for {args.target:.0f} img/s")
     record: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -198,8 +200,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_images_per_s": args.target, "results": results, "cores_for_target": cores,
     }  # fmt: skip
     if args.step_json:
-        record["step"] = step_consumption(args.step_json)
-        print(f"model step ({record['step']}): per view it consumes the images/s above halved")
+        step = record["step"] = step_consumption(args.step_json)
+        for kind in ("mask_finding", "tuning"):
+            if kind not in step:
+                continue
+            rate = step[kind]["images_per_s"]
+            need = {key: round(rate / c["images_per_cpu_s"], 2) for key, c in cores.items()
+                    if key.endswith(f"@{step['size']}")}
+            step[kind]["cores"] = need
+            print(f"{kind} step at {step['size']} px, batch {step['batch']} ({step['device']}): "
+                  f"{rate:.1f} img/s ({rate / 2:.1f} per view) = cores of this pipeline {need}")
     print(json.dumps(record))
     return record
 

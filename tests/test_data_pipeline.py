@@ -379,18 +379,25 @@ def test_cli_show_and_errors(data_dir, tmp_path, capsys):
     assert "known datasets" in capsys.readouterr().err
 
 
-def test_pipeline_benchmark_runs_at_toy_size(data_dir, capsys):
+def test_pipeline_benchmark_runs_at_toy_size(data_dir, capsys, tmp_path):
     """benchmarks/data_pipeline.py end to end (so it cannot rot): both views, with a worker."""
     from benchmarks import data_pipeline as bench
 
+    step = tmp_path / "step.jsonl"
+    step.write_text("log line\n" + json.dumps({"images_per_s": {"mask_finding": 50.0, "dense": 9.0},
+                                                "size": 8, "batch": 16, "device": "cpu"}) + "\n")
     record = bench.main(["--data_dir", str(data_dir), "--datasets", "digits", "--sizes", "8",
                          "--settings", "0x1,1x1", "--batches", "2", "--batch_size", "16",
-                         "--repeats", "1", "--target", "100"])
+                         "--repeats", "1", "--target", "100", "--step_json", str(step)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
     rows = record["results"]
     assert [(r["view"], r["worker_count"]) for r in rows] == [
         ("prompt", 0), ("prompt", 1), ("train", 0), ("train", 1)]
     assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
-    per_core = np.mean([max(r["images_per_cpu_s"] for r in rows if r["view"] == v)
-                        for v in ("prompt", "train")])
+    per_core = 1 / np.mean([1 / max(r["images_per_cpu_s"] for r in rows if r["view"] == v)
+                            for v in ("prompt", "train")])  # half the images are each view
     assert record["cores_for_target"]["digits@8"]["cores_for_target"] == round(100 / per_core, 1)
+    mask_finding = record["step"]["mask_finding"]
+    assert mask_finding["per_view"] == 25.0 and "tuning" not in record["step"]
+    stored = record["cores_for_target"]["digits@8"]["images_per_cpu_s"]
+    assert mask_finding["cores"] == {"digits@8": round(50.0 / stored, 2)}

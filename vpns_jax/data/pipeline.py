@@ -64,11 +64,13 @@ processes of a host when a launcher runs several on one host without binding the
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
 import os
 import re
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -356,6 +358,17 @@ class _Stream:
             close()
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # loaders with a running stream
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stops every running stream before the interpreter tears down the modules grain's worker
+    cleanup needs (otherwise: tracebacks and a wait for the workers at exit)."""
+    for owner in list(_LIVE):
+        owner.close()
+
+
 class _StreamOwner:
     """Keeps one stream per loader, restarting it when an iterator asks for another position."""
 
@@ -373,6 +386,7 @@ class _StreamOwner:
         if self._stream is None or self._stream.position != index:
             self.close()
             self._stream = _Stream(self._batches, index, self._options)
+            _LIVE.add(self)
         return self._stream
 
     def close(self) -> None:
