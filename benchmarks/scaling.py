@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--platforms", default=",".join(PLATFORMS))
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization of the peak")
     p.add_argument("--json", default="", help="also write the result here")
+    p.add_argument("--from-json", default="",
+                   help="recompute the cost model from a saved --json result (no compiling)")
     args = p.parse_args(argv)
     args.archs = [a for a in args.archs.split(",") if a]
     args.stages = [s for s in args.stages.split(",") if s]
@@ -333,24 +335,45 @@ def ring_seconds(bytes_list: list[int], chips: int, platform_name: str) -> float
     return sum(2 * (chips - 1) / chips * b / (bw * 1e9) + lat * 1e-6 for b in bytes_list)
 
 
-def cost_model(m: dict[str, Any], collective_bytes: list[int], global_batch: int, chips: int,
+def collective_split(m: dict[str, Any]) -> list[tuple[int, int]]:
+    """(bytes, gradient bytes) of each compiled all-reduce at the model's size."""
+    ops: dict[int, list[int]] = {}
+    for r in m["rows"]:
+        total_grad = ops.setdefault(r["collective"], [0, 0])
+        total_grad[0] += r["bytes_full"]
+        total_grad[1] += r["bytes_full"] if r["kind"] == "gradient" else 0
+    return [(t, g) for t, g in (ops[i] for i in sorted(ops))]
+
+
+def cost_model(m: dict[str, Any], collectives: list[tuple[int, int]], global_batch: int, chips: int,
                platform_name: str, dtype: str, mfu: float) -> dict[str, float]:
-    """Compute and communication seconds per iteration, and the images per chip where they meet."""
+    """Per iteration: compute and all-reduce milliseconds (no overlap), the all-reduce time with the
+    gradients all-reduced in bfloat16, and the images per chip (per pass) where compute = all-reduce.
+
+    collectives: (bytes, gradient bytes) per compiled all-reduce (`collective_split`)."""
     peak = PLATFORMS[platform_name]["peak_tflops"]["bfloat16" if dtype == "bfloat16" else "float32"]
     flops_per_s = peak * 1e12 * mfu
     per_chip = global_batch / chips
     compute = (per_chip * m["flops_per_image"] + m["flops_constant"]) / flops_per_s
-    comm = ring_seconds(collective_bytes, chips, platform_name)
-    # Images per chip (per view) at which compute = communication (no overlap).
-    even = max(0.0, (comm * flops_per_s - m["flops_constant"]) / m["flops_per_image"])
+    comm = ring_seconds([t for t, _ in collectives], chips, platform_name)
+    comm_bf16 = ring_seconds([t - g // 2 for t, g in collectives], chips, platform_name)
+    latency = ring_seconds([0] * len(collectives), chips, platform_name)
+
+    def even(seconds: float) -> float:
+        return max(0.0, (seconds * flops_per_s - m["flops_constant"]) / m["flops_per_image"])
+
     return {"images_per_chip": per_chip, "compute_ms": compute * 1e3, "comm_ms": comm * 1e3,
-            "comm_fraction": comm / (comm + compute), "break_even_images_per_chip": even}
+            "latency_ms": latency * 1e3, "comm_fraction": comm / (comm + compute),
+            "break_even_images_per_chip": even(comm), "comm_bf16_grads_ms": comm_bf16 * 1e3,
+            "break_even_bf16_grads": even(comm_bf16)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     flag = f"--xla_force_host_platform_device_count={args.devices}"
-    if "jax" in sys.modules:
+    if args.from_json:
+        pass
+    elif "jax" in sys.modules:
         import jax
 
         if jax.device_count() != args.devices:
@@ -359,20 +382,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results, date, machine, jax_version = (saved["measured"], saved["date"], saved["machine"],
+                                               saved["jax"])
+    else:
+        import jax
 
-    results = []
-    for arch in args.archs:
-        for stage in args.stages:
-            m = measure(arch, stage, args)
-            results.append(m)
-            print(f"[scaling] {arch} {stage}: {m['all_reduce_ops']} all-reduces, "
-                  f"{m['bytes_per_iteration'] / 1e6:.2f} MB/iteration, "
-                  f"{m['flops_per_image'] / 1e9:.2f} GFLOP/image, compile {m['hlo_compile_s']} + "
-                  f"{m['flops_compile_s']} s", file=sys.stderr, flush=True)
+        results = []
+        for arch in args.archs:
+            for stage in args.stages:
+                m = measure(arch, stage, args)
+                results.append(m)
+                print(f"[scaling] {arch} {stage}: {m['all_reduce_ops']} all-reduces, "
+                      f"{m['bytes_per_iteration'] / 1e6:.2f} MB/iteration, "
+                      f"{m['flops_per_image'] / 1e9:.2f} GFLOP/image, compile {m['hlo_compile_s']} + "
+                      f"{m['flops_compile_s']} s", file=sys.stderr, flush=True)
+        date, machine, jax_version = (datetime.date.today().isoformat(), platform.platform(),
+                                      jax.__version__)
     table = []
-    for m in results if args.flops_batches else []:
-        sizes = m["collective_bytes"]
+    for m in results if any(m["flops_per_image"] for m in results) else []:
+        sizes = collective_split(m)
         for dataset, batch in PAPER_BATCHES.items():
             for plat in args.platforms:
                 for n in args.chips:
@@ -383,8 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   "batch": batch,
                                   "platform": plat, "chips": n, **row})
     print_tables(results, table)
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-           "jax": jax.__version__, "args": {k: v for k, v in vars(args).items()},
+    out = {"date": date, "machine": machine, "jax": jax_version, "args": dict(vars(args)),
            "measured": results,
            "model": table}
     if args.json:
@@ -408,13 +438,15 @@ def print_tables(results: list[dict[str, Any]], table: list[dict[str, Any]]) -> 
               f"{k.get('scalar', 0)} | {m['bytes_per_iteration'] / 1e6:.2f} | "
               f"{m['flops_per_image'] / 1e9:.2f} | {m['flops_constant'] / 1e9:.2f} |")
     print()
-    print("| arch | stage | batch | platform | chips | images/chip | compute ms | all-reduce ms |"
-          " comm share | break-even images/chip |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| arch | stage | batch | platform | chips | images/chip | compute ms | all-reduce ms"
+          " (latency) | comm share | break-even images/chip | bf16 grads: all-reduce ms, break-even |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['arch']} | {r['stage']} | {r['batch']} | {r['platform']} | {r['chips']} | "
-              f"{r['images_per_chip']:g} | {r['compute_ms']:.2f} | {r['comm_ms']:.2f} | "
-              f"{r['comm_fraction']:.0%} | {r['break_even_images_per_chip']:.1f} |")
+              f"{r['images_per_chip']:g} | {r['compute_ms']:.2f} | {r['comm_ms']:.2f} "
+              f"({r['latency_ms']:.2f}) | {r['comm_fraction']:.0%} | "
+              f"{r['break_even_images_per_chip']:.0f} | {r['comm_bf16_grads_ms']:.2f}, "
+              f"{r['break_even_bf16_grads']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -342,13 +342,22 @@ def test_scaling_cost_model_hand_computed():
     assert scaling.ring_seconds([10**9], 16, "h100") == pytest.approx(2 * 15 / 16 * 1e9 / 50e9 + 30e-6)
     assert scaling.ring_seconds([10**9], 1, "tpu_v4") == 0.0
     m = {"flops_per_image": 2e10, "flops_constant": 1e9}
-    row = scaling.cost_model(m, [4 * 10**7] * 3, 1024, 64, "tpu_v5e", "bfloat16", 0.5)
+    collectives = [(4 * 10**7, 4 * 10**7)] * 2 + [(512, 0)]  # two gradient all-reduces, one BN
+    row = scaling.cost_model(m, collectives, 1024, 64, "tpu_v5e", "bfloat16", 0.5)
     flops_per_s = 197e12 * 0.5
+    assert row["images_per_chip"] == 16
     assert row["compute_ms"] == pytest.approx((16 * 2e10 + 1e9) / flops_per_s * 1e3)
-    assert row["comm_ms"] == pytest.approx(3 * (2 * 63 / 64 * 4e7 / 200e9 + 10e-6) * 1e3)
+    ring = 2 * 63 / 64 / 200e9
+    assert row["latency_ms"] == pytest.approx(3 * 10e-3)
+    assert row["comm_ms"] == pytest.approx(((2 * 4e7 + 512) * ring + 3 * 10e-6) * 1e3)
+    assert row["comm_bf16_grads_ms"] == pytest.approx(((2 * 2e7 + 512) * ring + 3 * 10e-6) * 1e3)
     # At the break-even batch per chip, compute equals communication.
     even = row["break_even_images_per_chip"]
     assert (even * 2e10 + 1e9) / flops_per_s == pytest.approx(row["comm_ms"] / 1e3)
+    # From the rows of a measurement: bytes per compiled all-reduce, gradient part apart.
+    rows = [{"collective": 0, "kind": "gradient", "bytes_full": 10}, {"collective": 1, "kind":
+            "bn_forward", "bytes_full": 3}, {"collective": 0, "kind": "bn_backward", "bytes_full": 2}]
+    assert scaling.collective_split({"rows": rows}) == [(12, 10), (3, 0)]
 
 
 def test_scaling_smoke_counts_every_gradient(tmp_path):
