@@ -26,8 +26,8 @@ All lowerings are tested equal to lax (values and gradients) in ``tests/test_ops
 In bfloat16 the lowerings compute in bfloat16 too (bf16 values and gradients; the dots accumulate in
 float32), within 1 bf16 ulp of the float32 result except im2col's input gradient (<= 3 ulps: it adds
 the k*k window contributions in bf16); ``tests/test_bf16.py``. They are not the bf16 default: XLA's
-CPU dot has no fast bf16 path on hosts without bf16 instructions (the matmuls ran 2.6x slower than
-in float32), so ``models.default_conv_impl`` picks XLA's convolution for bfloat16.
+CPU dot has no fast bf16 path on hosts without bf16 instructions (a step with them ran 2.6x slower
+than in float32), so ``models.default_conv_impl`` picks XLA's convolution for bfloat16.
 """
 
 from __future__ import annotations
