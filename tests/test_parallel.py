@@ -111,6 +111,12 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     gathered = parallel.gather_to_host({"x": gbatch["label"], "m": mean_s})
     np.testing.assert_array_equal(gathered["x"], batch["label"])
     try:
+        parallel.global_batch_size_check(30, mesh)
+        raise AssertionError("no error")
+    except ConfigError as e:
+        assert "batch_size=30 does not split over 8 devices" in str(e), e
+        assert "e.g. 24 or 32" in str(e), e
+    try:
         parallel.host_to_global({"image": batch["image"][:12]}, mesh)
         raise AssertionError("no error")
     except ConfigError as e:
@@ -143,3 +149,39 @@ def test_batch_check_single_device():
         parallel.global_batch_size_check(0, mesh)
     out = parallel.host_to_global({"label": np.arange(4, dtype=np.int32)}, mesh)
     np.testing.assert_array_equal(np.asarray(out["label"]), np.arange(4))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_times_out_with_its_address():
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    with pytest.raises(ConfigError, match=f"coordinator at {address} cannot be reached"):
+        parallel.wait_for_coordinator(address, 0.5)
+    with pytest.raises(ConfigError, match="not 'host:port'"):
+        parallel.wait_for_coordinator("no-port", 1)
+    # Process 1 of 2 fails in the wait, before jax.distributed (which would abort the process).
+    with pytest.raises(ConfigError, match=f"coordinator at {address} cannot be reached"):
+        parallel.initialize_distributed(True, timeout_s=1, coordinator_address=address,
+                                        num_processes=2, process_id=1)
+    assert not jax.distributed.is_initialized()
+
+
+def test_cli_reports_an_unreachable_coordinator_in_one_line(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpns_jax.main", "--config", "configs/quickstart.py",
+         "--workdir", str(tmp_path / "w"), "--config.distributed_timeout_s=1"],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the coordinator at 127.0.0.1:{port} cannot be reached"), last
+    assert "Traceback" not in proc.stderr

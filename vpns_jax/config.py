@@ -86,6 +86,7 @@ def default_config() -> mlc.ConfigDict:
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # >0: also checkpoint every N iterations inside an epoch
     c.distributed = False  # jax.distributed.initialize() (also with env VPNS_DISTRIBUTED=1)
+    c.distributed_timeout_s = 300  # how long a process waits for the job's coordinator
     c.compilation_cache = ""  # '' = ~/.cache/vpns_jax/jax_cache; 'off' disables
     c.plots = True
     return c
@@ -225,6 +226,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
         _fail("prompt.mask_size", config.prompt.mask_size, f"at most prompt.output_size = {out}")
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
+    _positive_int(config, "distributed_timeout_s")
     _positive_int(config, "checkpoint_every_epochs")
     _positive_int(config, "checkpoint_every_steps", allow_zero=True)
     for m in chosen:  # each method validates its own options as it builds its runs

@@ -34,7 +34,7 @@ _SECOND_LOADER = 1_000_003  # seed offset of the 'train_b' loader
 # Fields that do not change what a run computes: a rerun may change them and still resume.
 _NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
                  "compilation_cache", "plots",
-                 "distributed", "eval_batch_size", "methods", "sparsities")
+                 "distributed", "distributed_timeout_s", "eval_batch_size", "methods", "sparsities")
 _NON_SEMANTIC_DATA = ("worker_count", "num_threads", "prefetch")
 
 
@@ -161,6 +161,7 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     runs = plan(config)  # every method's options are checked here, before anything is written
     info = parallel.process_info()
     os.makedirs(workdir, exist_ok=True)
+    parallel.check_same_on_all_processes("the config and workdir", _job_text(config, workdir))
     previous = _check_or_write_config(config, workdir, info.is_primary)
     data_dir = config.data_dir or None
     manual_dir = config.manual_dir or None
@@ -246,6 +247,16 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
     for method in config_lib.method_list(config):
         runs += methods.runs(config, method)
     return runs
+
+
+def _job_text(config: mlc.ConfigDict, workdir: str) -> str:
+    """What every process of a job must agree on: the whole config except per-host speed settings
+    (data loader threads/workers, compilation cache), and the workdir."""
+    d = json.loads(config.to_json_best_effort())
+    d.pop("compilation_cache", None)
+    for field in _NON_SEMANTIC_DATA:
+        d.get("data", {}).pop(field, None)
+    return json.dumps({"config": d, "workdir": workdir}, sort_keys=True)
 
 
 def base_key(config: mlc.ConfigDict) -> str:

@@ -33,7 +33,7 @@ class _QuietLibraries(std_logging.Filter):
             part in record.pathname for part in _LIBRARY_LOGS)
 
 
-def setup_platform(compilation_cache: str, distributed: bool) -> None:
+def setup_platform(compilation_cache: str, distributed: bool, timeout_s: float = 300) -> None:
     """CPU malloc settings, persistent compilation cache, (multi-host) distributed initialisation."""
     from vpns_jax import cpu_malloc
 
@@ -48,7 +48,7 @@ def setup_platform(compilation_cache: str, distributed: bool) -> None:
 
     # True forces jax.distributed.initialize(); None lets SLURM / TPU multi-process launches be detected.
     explicit = distributed or os.environ.get("VPNS_DISTRIBUTED") == "1"
-    parallel.initialize_distributed(True if explicit else None)
+    parallel.initialize_distributed(True if explicit else None, timeout_s=timeout_s)
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required: the run's directory (a rerun resumes there)")
     config = _CONFIG.value
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    setup_platform(config.compilation_cache, config.distributed)
+    setup_platform(config.compilation_cache, config.distributed, config.distributed_timeout_s)
     from vpns_jax import experiment
 
     experiment.run(config, _WORKDIR.value)

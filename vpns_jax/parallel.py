@@ -12,8 +12,11 @@ Multi-process (several hosts, or one process per GPU): every process runs the sa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -72,7 +75,8 @@ def local_device_ids_from_env(env: Mapping[str, str] | None = None) -> list[int]
         ) from e
 
 
-def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
+def initialize_distributed(enabled: bool | None = None, *, timeout_s: float = 300,
+                           **kwargs: Any) -> bool:
     """Start JAX's multi-process runtime when asked to; returns whether it is running.
 
     `enabled=True` calls `jax.distributed.initialize(**kwargs)`, which finds the coordinator,
@@ -82,7 +86,8 @@ def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
     `enabled=False` does nothing.
     `enabled=None` initializes only when `multiprocess_env()` sees a multi-process job, so a plain
     single-process run never waits for a coordinator. Must run before the first use of a device
-    (`jax.devices()`, any array).
+    (`jax.devices()`, any array). A coordinator not reached within `timeout_s` seconds raises
+    `ConfigError` naming its address (instead of waiting forever).
     """
     if enabled is None:
         kind = multiprocess_env()
@@ -102,15 +107,48 @@ def initialize_distributed(enabled: bool | None = None, **kwargs: Any) -> bool:
             raise ConfigError("JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set but "
                               "JAX_PROCESS_ID is not: set it to this process's index (0..N-1).")
         kwargs.setdefault("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")))
+    kwargs.setdefault("initialization_timeout", int(timeout_s))
+    address = kwargs.get("coordinator_address")
+    if address and kwargs.get("process_id", 0) != 0:
+        # jax aborts the process (no Python exception) when the coordinator never answers.
+        wait_for_coordinator(address, kwargs["initialization_timeout"])
+    elif address:
+        logging.info("serving the coordinator at %s; waiting up to %d s for %s processes",
+                     address, kwargs["initialization_timeout"], kwargs.get("num_processes"))
     try:
         jax.distributed.initialize(**kwargs)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"jax.distributed.initialize() failed: {e}. It must be called before anything uses a "
-            "device, by every process of the job, and needs a launcher it can detect (srun, a TPU "
-            "pod's --worker=all, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)."
+    except (RuntimeError, ValueError) as e:
+        where = f"the coordinator at {address}" if address else "the job's coordinator"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"multi-process start failed: could not join {where} within "
+            f"{kwargs['initialization_timeout']} s ({first}). Check that every process of the job "
+            "was started (process 0 serves the coordinator), that the address and port are "
+            "reachable from this host, and that all processes got the same process count; "
+            "config.distributed_timeout_s sets the wait."
         ) from e
     return True
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until something listens at `address` ('host:port'); `ConfigError` naming the address
+    after `timeout_s` seconds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"coordinator address {address!r} is not 'host:port'")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"the coordinator at {address} cannot be reached ({e.strerror or e}) after "
+                    f"{timeout_s:g} s: start process 0 of the job (it serves the coordinator), check "
+                    "that this host can reach that address and port, or raise "
+                    "config.distributed_timeout_s.") from e
+            time.sleep(0.25)
 
 
 class ProcessInfo(NamedTuple):
@@ -200,6 +238,22 @@ def gather_to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def check_same_on_all_processes(what: str, text: str) -> None:
+    """Refuse a job whose processes disagree on `text` (e.g. the config): every process hashes it,
+    the hashes are all-gathered, and any difference raises `ConfigError` on every process naming
+    the processes that differ. No-op with one process."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ConfigError(
+            f"the processes of this job disagree on {what}: process(es) {differ} differ from "
+            "process 0. Start every process with the same command (--config, --config.* flags, "
+            "--workdir) and the same files.")
 
 
 def barrier(name: str) -> None:
