@@ -52,6 +52,13 @@ def test_config_switch_is_validated_and_mapped_in_one_place():
     assert models.compute_dtype("float32") == jnp.float32
     with pytest.raises(ValueError, match="unknown computation dtype 'fp16'"):
         models.compute_dtype("fp16")
+    # benchmarks/step.py --dtype takes the same names (and maps them through compute_dtype).
+    from benchmarks import step as step_benchmark
+
+    assert config_lib.MODEL_DTYPES == tuple(models.COMPUTE_DTYPES) == ("float32", "bfloat16")
+    assert step_benchmark.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        step_benchmark.parse_args(["--dtype", "float16"])
     # bfloat16 on CPU takes XLA's convolution (the matmul lowerings' bf16 dots are slow there).
     assert models.default_conv_impl(jnp.bfloat16) == "xla"
     assert models.create("resnet18", 10, dtype=jnp.bfloat16).conv_impl == "xla"
