@@ -61,7 +61,12 @@ def test_config_switch_is_validated_and_mapped_in_one_place():
         step_benchmark.parse_args(["--dtype", "float16"])
     # bfloat16 on CPU takes XLA's convolution (the matmul lowerings' bf16 dots are slow there).
     assert models.default_conv_impl(jnp.bfloat16) == "xla"
-    assert models.create("resnet18", 10, dtype=jnp.bfloat16).conv_impl == "xla"
+    model16 = models.create("resnet18", 10, dtype=jnp.bfloat16)
+    assert model16.conv_impl == "xla"
+    model32 = models.with_dtype(model16, jnp.float32)  # as create would make it in float32
+    assert (model32.dtype, model32.conv_impl) == (jnp.float32, "auto")
+    assert model32 == models.create("resnet18", 10)
+    assert models.with_dtype(model32, jnp.float32) is model32
 
 
 def test_stage_keys_separate_float32_and_bfloat16_runs():

@@ -48,12 +48,16 @@ def default_conv_impl(dtype: Any = jnp.float32) -> str:
 
 
 def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
-    """`model` computing in `dtype` (a clone; the same parameters). Modules without a `dtype`
+    """`model` computing in `dtype` (a clone; the same parameters). A model on its dtype's default
+    conv_impl gets the new dtype's default (as `create` would pick). Modules without a `dtype`
     field (or with dtype None: inferred from the inputs) are returned unchanged."""
     current = getattr(model, "dtype", None)
     if current is None or jnp.dtype(current) == jnp.dtype(dtype):
         return model
-    return model.clone(dtype=dtype)
+    changes: dict[str, Any] = {"dtype": dtype}
+    if getattr(model, "conv_impl", None) == default_conv_impl(current):
+        changes["conv_impl"] = default_conv_impl(dtype)
+    return model.clone(**changes)
 
 
 def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
