@@ -36,7 +36,6 @@ def small_run_config(weights: str):
     # near-zero score gradients into full-size +-lr steps (1,852 of 700,976 mask entries flipped
     # between 1 and 2 devices, far from the threshold); at 1e-4 a flip needs a score within ~lr of it.
     c.vpns.mask_finding.update(lr=1e-4, prompt_lr=1e-4)
-    c.checkpoint_every_steps = 2  # not part of the results: lets a run stop inside an epoch
     return c
 
 
@@ -75,6 +74,7 @@ def main() -> None:
     if args.last_process_seed is not None and args.process_id == args.num_processes - 1:
         config.seed = args.last_process_seed
     if args.stop_after_saves:
+        config.checkpoint_every_steps = 2  # not part of the results: a stop inside an epoch
         real_run_stage, saves = experiment.train.run_stage, []
 
         def stopping(stage, *a, **kw):
