@@ -5,6 +5,8 @@ Only flags, platform set-up and dispatch live here; the work is in `vpns_jax.exp
 
 from __future__ import annotations
 
+import difflib
+import glob
 import logging as std_logging
 import os
 import re
@@ -104,14 +106,46 @@ def unknown_field(argv: list[str]) -> str | None:
         for i, part in enumerate(parts):
             if not isinstance(node, ConfigDict) or part not in node:
                 where = ".".join(["config", *parts[:i]])
-                known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "none"
-                return (f"{where} has no option {part!r} (from --config.{found.group(1)}); "
-                        f"its options: {known}.")
+                names = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                near = difflib.get_close_matches(part, names, n=3)
+                hint = f" did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+                return (f"{where} has no option {part!r} (from --config.{found.group(1)});{hint} "
+                        f"its options: {', '.join(names) or 'none'}.")
             node = node[part]
     return None
 
 
+def config_file_arg(argv: list[str]) -> str | None:
+    """The file named by `--config FILE[:args]` / `--config=FILE[:args]` in argv, if any."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return value.split(":", 1)[0]
+    return None
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """A one-line message when `--config` names a file that does not exist, listing configs/*.py."""
+    path = config_file_arg(argv)
+    if not path or os.path.isfile(path):
+        return None
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(shipped, "*.py")))
+    where = os.path.relpath(shipped)
+    where = shipped if where.startswith("..") else where
+    return (f"config file {path} does not exist; the shipped configs in {where}/: "
+            f"{', '.join(names) or 'none'}.")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    missing = missing_config_file(argv[1:])
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # an override of a field the config does not have

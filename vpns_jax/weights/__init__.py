@@ -61,6 +61,26 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _not_safetensors(path: Path) -> str | None:
+    """What `path` is instead, when its first bytes are not a safetensors header (else None).
+
+    A safetensors file starts with an 8-byte little-endian header length N, then N bytes of JSON.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (torch.save zip archive)"
+    if head[:1] == b"\x80":
+        return "a PyTorch checkpoint (legacy pickle format)"
+    if path.suffix == ".safetensors" or (
+            len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"):
+        return None  # a safetensors file, or a damaged one: `_read_safetensors` says which
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return f"probably a PyTorch checkpoint (by its {path.suffix} name)"
+    return "of an unknown format"
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import safe_open
 
@@ -239,13 +259,24 @@ def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
     return meta
 
 
-def load(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def load(path: str | os.PathLike, *, arch_hint: str | None = None
+         ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Read a project weights file → (arch, {'params', 'batch_stats'} of float32 numpy, meta).
 
     Validated against `models.create(arch, **meta['options'])`: same variables, same shapes.
+    arch_hint: the expected arch, only used to spell out the `convert` command when `path` is a
+    PyTorch checkpoint or any other non-safetensors file.
     """
     path = Path(path)
     _check_exists(path, "Project weights file")
+    other = _not_safetensors(path)
+    if other is not None:
+        out = path.with_suffix(".safetensors") if path.suffix != ".safetensors" else \
+            path.with_name(path.stem + "_vpns.safetensors")
+        raise WeightsError(
+            f"{path} is {other}, not a project weights file (.safetensors); convert it once with "
+            f"`python -m vpns_jax.weights convert --arch {arch_hint or 'ARCH'} --src {path} "
+            f"--out {out}` and pass --config.weights={out}.")
     tensors, header = _read_safetensors(path)
     if META_KEY not in header:
         raise WeightsError(f"{path}: not a vpns_jax weights file (no '{META_KEY}' metadata). "
