@@ -26,6 +26,7 @@ from flax import traverse_util
 from vpns_jax import checkpoint, data, methods, models, parallel, prompts, report, runner, sparsity, train
 from vpns_jax import config as config_lib
 from vpns_jax import weights as weights_lib
+from vpns_jax import workdir as workdir_lib
 from vpns_jax.data import device_augment
 from vpns_jax.errors import CheckpointError, ConfigError
 from vpns_jax.methods.plan import Run, run_id
@@ -58,6 +59,7 @@ class Context:
     runs: list[Run]
     env: runner.Env | None = None
     previous: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved config.json, all fields
+    writable: bool = True  # False: mode=eval in a read-only workdir (results.json, plots not written)
 
     def put(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host batch (this process's rows) → global device arrays sharded over the data axis."""
@@ -98,13 +100,19 @@ def _saved_config(workdir: str) -> mlc.ConfigDict | None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return mlc.ConfigDict(json.load(f))
+    fix = ("restore it (it records the settings this workdir's checkpoints were made with), or "
+           "use a new --workdir.")
+    saved = workdir_lib.read_json(path, fix)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds no config (a JSON {type(saved).__name__}); {fix}")
+    return mlc.ConfigDict(saved)
 
 
-def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) -> dict[str, Any]:
+def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool,
+                           write: bool = True) -> dict[str, Any]:
     """Refuse a workdir whose runs used other data/model settings (every row depends on them); a
-    method's own options may change: its rows are then refused one by one (`run`). Returns the
+    method's own options may change: its rows are then refused one by one (`run`). With `write`
+    (training), config.json is (atomically) rewritten when it is new or its text changed. Returns the
     saved config's fingerprint with the method subtrees (empty for a new workdir)."""
     path = os.path.join(workdir, "config.json")
     saved = _saved_config(workdir)
@@ -115,11 +123,16 @@ def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool) 
                 f"{workdir} holds a run with a different config ({details}); resuming would mix "
                 "them. Use a new --workdir, or the saved config.json's values.")
     parallel.barrier("config read")  # nobody reads config.json while process 0 rewrites it
-    if primary:
+    text = config.to_json_best_effort(indent=2)
+    if primary and write and (saved is None or text != _read_text(path)):
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_lib.write_text(path, text)
     return {} if saved is None else config_fingerprint(saved, with_methods=True)
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def weights_path(config: mlc.ConfigDict, workdir: str) -> str:
@@ -130,7 +143,7 @@ def weights_path(config: mlc.ConfigDict, workdir: str) -> str:
 
 
 def _load_pretrained(config: mlc.ConfigDict, path: str) -> tuple[str, dict, dict]:
-    arch, variables, meta = weights_lib.load(path, arch_hint=config.arch)
+    arch, variables, meta = weights_lib.load(path)
     if arch != config.arch:
         raise ConfigError(f"config.arch = {config.arch!r} but the weights file {path} holds a {arch}; "
                           f"set --config.arch={arch} or point config.weights to {config.arch} weights.")
@@ -151,8 +164,9 @@ def data_options(config: mlc.ConfigDict) -> dict[str, int]:
     return dataclasses.asdict(options)
 
 
-def setup(config: mlc.ConfigDict, workdir: str) -> Context:
-    """Validate, prepare data and weights (training a proxy if configured), build the model and loaders."""
+def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Context:
+    """Validate, prepare data and weights (training a proxy if configured), build the model and
+    loaders. `writable=False` (mode=eval in a read-only workdir): nothing is written to it."""
     config_lib.validate(config, known_archs=models.ARCHS, known_datasets=data.registry.names())
     # uint8 batches at the stored size, augmented inside the jitted steps (small fixed-size sets)
     on_device = bool(config.data.augment_on_device)
@@ -162,7 +176,8 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Context:
     info = parallel.process_info()
     os.makedirs(workdir, exist_ok=True)
     parallel.check_same_on_all_processes("the config and workdir", _job_text(config, workdir))
-    previous = _check_or_write_config(config, workdir, info.is_primary)
+    previous = _check_or_write_config(config, workdir, info.is_primary,
+                                      write=writable and config.mode != "eval")
     data_dir = config.data_dir or None
     manual_dir = config.manual_dir or None
     path = weights_path(config, workdir)
@@ -364,7 +379,16 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or, with mode=eval, re-evaluate) every planned run; returns the results dict."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    ctx = setup(config, workdir)
+    # one run per workdir (process 0 holds the lock for the whole job); eval takes it as well, as it
+    # rewrites results.json, except in a read-only workdir, where it writes nothing
+    with workdir_lib.claim(workdir, primary=parallel.process_info().is_primary,
+                           read_only_ok=config.mode == "eval") as writable:
+        return _run(config, workdir, writable)
+
+
+def _run(config: mlc.ConfigDict, workdir: str, writable: bool) -> dict[str, Any]:
+    ctx = setup(config, workdir, writable)
+    ctx.writable = writable
     if config.mode == "eval":
         return evaluate_saved(ctx)
     results = report.load_results(workdir)
@@ -409,7 +433,7 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ctx.env.steps.compiles.items()))
         print(f"Compiled this session (one per kind of stage, whatever the sparsity): {counts}",
               flush=True)
-    if ctx.config.plots:
+    if ctx.config.plots and ctx.writable:
         path = report.plot_accuracy(ctx.workdir, results)
         if path:
             print(f"Plot: {path}", flush=True)
@@ -447,7 +471,7 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
                 r["accuracy_with_prompt"] = acc["with_prompt"]
                 use_prompt = at_test and acc["with_prompt"] is not None
                 r["accuracy"] = acc["with_prompt"] if use_prompt else acc["without_prompt"]
-    if ctx.primary:
+    if ctx.primary and ctx.writable:
         report.save_results(ctx.workdir, results)
     _report(ctx, results)
     return results

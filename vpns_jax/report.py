@@ -1,13 +1,17 @@
-"""Results of a run: `results.json`, per-layer sparsity files, the printed table and the plot."""
+"""Results of a run: `results.json`, `metrics.jsonl`, per-layer sparsity files, the printed table and
+the plot (all written atomically, via `vpns_jax.workdir`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+from vpns_jax import workdir as workdir_lib
+from vpns_jax.errors import CheckpointError
+
 RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: float,
@@ -32,18 +36,28 @@ def load_results(workdir: str) -> dict[str, Any]:
     path = os.path.join(workdir, RESULTS_FILE)
     if not os.path.exists(path):
         return {"runs": [], "dense": None}
-    with open(path) as f:
-        return json.load(f)
+    fix = ("restore it, or delete it to recompute its rows (finished runs resume from their "
+           "checkpoints in the workdir).")
+    results = workdir_lib.read_json(path, fix)
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise CheckpointError(f"{path} holds no results (no 'runs' list); {fix}")
+    results.setdefault("dense", None)
+    return results
 
 
 def save_results(workdir: str, results: dict[str, Any]) -> str:
     """Write `results.json` atomically; returns its path."""
-    path = os.path.join(workdir, RESULTS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return workdir_lib.write_json(os.path.join(workdir, RESULTS_FILE), results)
+
+
+def append_metrics(workdir: str, record: dict[str, Any]) -> None:
+    """Add one line to `metrics.jsonl` (per-epoch training metrics)."""
+    workdir_lib.append_line(os.path.join(workdir, METRICS_FILE), record)
+
+
+def load_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of `metrics.jsonl`; a torn last line (a killed run) is skipped."""
+    return workdir_lib.read_lines(os.path.join(workdir, METRICS_FILE))
 
 
 def add_run(results: dict[str, Any], record: dict[str, Any]) -> None:
@@ -61,10 +75,7 @@ def save_layer_sparsity(workdir: str, method: str, sparsity: float,
     """Per-layer sparsity of one run as `sparsity/<method>_<sparsity>.json`."""
     directory = os.path.join(workdir, "sparsity")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{method}_{sparsity:g}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    return path
+    return workdir_lib.write_json(os.path.join(directory, f"{method}_{sparsity:g}.json"), summary)
 
 
 def _pct(value: float | None) -> str:
@@ -120,6 +131,8 @@ def plot_accuracy(workdir: str, results: dict[str, Any]) -> str | None:
         ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "accuracy_vs_sparsity.png")
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        workdir_lib.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path

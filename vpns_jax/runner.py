@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, parallel, prompts, sparsity, train
+from vpns_jax import checkpoint, parallel, prompts, report, sparsity, train
 from vpns_jax.errors import ConfigError
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
@@ -364,9 +363,8 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
     def epoch_hook(end: train.EpochEnd) -> None:
         epoch = end.epoch + 1
         if env.primary:
-            with open(os.path.join(env.workdir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps({'run': run.name, 'stage': stage.name, 'epoch': epoch,
-                                    **end.metrics}) + '\n')
+            report.append_metrics(env.workdir, {'run': run.name, 'stage': stage.name,
+                                                'epoch': epoch, **end.metrics})
         if epoch % config.checkpoint_every_epochs == 0 or epoch == stage.epochs:
             save(end.state, epoch, 0, end.label_map)
 
