@@ -13,9 +13,11 @@ to the border of [0,1] images before clamping and normalizing) and the label map
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ def export_run(workdir: str, run: str, out: str, *, fmt: str = "torchvision") ->
     if run not in runs:
         raise VpnsError(f"no finished run {run!r} in {workdir}/final; finished runs: "
                         f"{', '.join(runs) or 'none'} (train first, or pick one of these)")
+    check_writable(out)
     tree, meta = checkpoint.load_final(os.path.join(workdir, "final", run))
     options = {**meta["options"], "num_classes": int(meta.get("num_outputs",
                                                               meta["options"]["num_classes"]))}
@@ -51,10 +54,12 @@ def export_run(workdir: str, run: str, out: str, *, fmt: str = "torchvision") ->
     source = {"run": run, "workdir": os.path.abspath(workdir), "method": meta.get("method"),
               "sparsity": meta.get("sparsity"), "dataset": meta.get("dataset")}
     if fmt == "vpns":
-        weights_lib.save(out, meta["arch"], variables, options=options, source=source)
+        with _writing(out):
+            weights_lib.save(out, meta["arch"], variables, options=options, source=source)
         return [out]
     state = weights_lib.to_torch_state_dict(meta["arch"], variables, {"options": options})
-    _write_state_dict(state, out)
+    with _writing(out):
+        _write_state_dict(state, out)
     extras = {f"masks/{torch_key('params/' + p)}": to_torch(m.astype(np.uint8))
               for p, m in masks.items()}
     if tree.get("prompt") and "program" in tree["prompt"]:
@@ -66,8 +71,39 @@ def export_run(workdir: str, run: str, out: str, *, fmt: str = "torchvision") ->
     extras_path = os.path.splitext(out)[0] + ".extras.safetensors"
     from safetensors.numpy import save_file
 
-    save_file(extras, extras_path, metadata={"vpns_jax": json.dumps({**source, **_prompt_meta(meta)})})
+    with _writing(extras_path):
+        save_file(extras, extras_path,
+                  metadata={"vpns_jax": json.dumps({**source, **_prompt_meta(meta)})})
     return [out, extras_path]
+
+
+def check_writable(out: str) -> None:
+    """Raise a one-line `VpnsError` naming `out` when it cannot be written (before any work)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise VpnsError(f"cannot write --out {out}: its folder {parent} cannot be created "
+                        f"({e.strerror}); choose a writable --out path") from None
+    if os.path.isdir(out):
+        raise VpnsError(f"cannot write --out {out}: it is a folder; give a file name ending in "
+                        ".safetensors or .pth")
+    if not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise VpnsError(f"cannot write --out {out}: no write permission in {parent}; choose a "
+                        "writable --out path")
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn a failed write of `path` (disk full, permissions) into a one-line VpnsError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise VpnsError(f"cannot write {path}: {reason}; free space or choose a writable --out "
+                        "path") from None
 
 
 def _prompt_meta(meta: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from safetensors import SafetensorError
+
 from vpns_jax import models
 from vpns_jax.errors import WeightsError
 from vpns_jax.weights import convert, export
@@ -40,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {len(state)} torchvision tensors")
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as e:  # mostly writing --out (unreadable inputs are above)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        name = getattr(e, "filename", None) or args.out
+        print(f"error: {name}: {reason}; check the path, and that --out's folder is writable "
+              "and has free space", file=sys.stderr)
         return 2
     return 0
 
