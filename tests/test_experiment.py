@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 from vpns_jax import experiment, models, sparsity
+from vpns_jax import workdir as workdir_lib
 from vpns_jax.config import default_config
+from vpns_jax.errors import ConfigError
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,13 +121,30 @@ def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypa
         assert a[key] == b[key], key
 
 
-def test_eval_mode_restores_the_final_state(finished):
+def _snapshot(workdir: str) -> dict[str, tuple[int, int, int]]:
+    return {os.path.join(d, n): (s.st_ino, s.st_size, s.st_mtime_ns)
+            for d, _, names in os.walk(workdir) for n in names
+            for s in [os.stat(os.path.join(d, n))]}
+
+
+def test_eval_mode_restores_the_final_state(finished, monkeypatch):
+    """Also in a read-only workdir (the lock cannot be made there): nothing in it is written."""
     config, workdir, results = finished
     config = config.copy_and_resolve_references()
     config.mode = "eval"
+    config.log_every_steps += 1  # a harmless change: eval still leaves config.json alone
+    before = _snapshot(workdir)
+
+    def read_only(self):
+        raise OSError(30, "Read-only file system", self.path)
+    monkeypatch.setattr(workdir_lib.WorkdirLock, "_create", read_only)
     again = experiment.run(config, workdir)
+    assert _snapshot(workdir) == before
     assert again["runs"][0]["accuracy"] == results["runs"][0]["accuracy"]
     assert again["runs"][0]["accuracy_with_prompt"] == results["runs"][0]["accuracy_with_prompt"]
+    config.mode = "train"
+    with pytest.raises(ConfigError, match=f"^{re.escape(workdir)} is not writable"):
+        experiment.run(config, workdir)
 
 
 def test_resuming_under_another_config_is_refused(finished):
