@@ -61,7 +61,7 @@ def test_missing_config_file_lists_the_shipped_configs(tmp_path):
     assert main.missing_config_file(["--workdir", str(tmp_path)]) is None  # absl reports that
 
 
-def test_cli_unknown_field_and_missing_config_are_one_line(tmp_path):
+def test_cli_unknown_field_and_missing_or_broken_config_are_one_line(tmp_path):
     workdir = str(tmp_path / "w")
     line = _one_clear_line(_cli(["--config", "configs/quickstart.py", "--workdir", workdir,
                                  "--config.vpns.mask_findng.lr=1"], tmp_path))
@@ -69,6 +69,20 @@ def test_cli_unknown_field_and_missing_config_are_one_line(tmp_path):
     line = _one_clear_line(_cli(["--config", "configs/nope.py", "--workdir", workdir], tmp_path))
     assert line.startswith("error: config file configs/nope.py does not exist;")
     assert "quickstart.py" in line and not os.path.exists(workdir)
+    broken = tmp_path / "broken.py"
+    broken.write_text("import ml_collections\n\ndef get_config(:\n    pass\n")
+    line = _one_clear_line(_cli(["--config", str(broken), "--workdir", workdir], tmp_path))
+    assert line == f"error: config file {broken}, line 3: invalid syntax: 'def get_config(:'"
+
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main(["vpns_jax.main", "stray"])  # checked before any flag is read
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("error: unexpected arguments: stray (usage: python -m vpns_jax.main --config "
+                   "configs/<file>.py[:args] --workdir DIR [--config.x=v]; --help lists the flags)\n")
 
 
 def test_pytorch_checkpoints_point_to_weights_convert(tmp_path):

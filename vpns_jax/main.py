@@ -11,6 +11,7 @@ import logging as std_logging
 import os
 import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,6 +25,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config, checkpoints (a rerun resumes), results.json, plots.")
 
 
+_USAGE = "python -m vpns_jax.main --config configs/<file>.py[:args] --workdir DIR [--config.x=v]"
 _LIBRARY_LOGS = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/jax/_src/xla_bridge")
 
 
@@ -58,13 +60,19 @@ def setup_platform(compilation_cache: str, distributed: bool, timeout_s: float =
         logging.info("CPU allocator: %s", cpu_malloc.malloc_name())
 
 
+def _usage_error(message: str) -> NoReturn:
+    """One line and exit code 2 (absl's UsageError would print the whole flag help first)."""
+    print(f"error: {message} (usage: {_USAGE}; --help lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+        _usage_error("--config is required, e.g. --config configs/quickstart.py")
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required: the run's directory (a rerun resumes there)")
+        _usage_error("--workdir is required: the run's directory (a rerun resumes there)")
     config = _CONFIG.value
     logging.get_absl_handler().addFilter(_QuietLibraries())
     setup_platform(config.compilation_cache, config.distributed, config.distributed_timeout_s)
@@ -150,6 +158,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # an override of a field the config does not have
         print(f"error: {unknown_field(argv) or e}", file=sys.stderr)
+        sys.exit(2)
+    except SyntaxError as e:  # a config file that is not valid Python: where, not a traceback
+        print(f"error: config file {e.filename}, line {e.lineno}: {e.msg}: "
+              f"{(e.text or '').strip()!r}", file=sys.stderr)
         sys.exit(2)
     except flags.Error as e:
         cause = _user_error(e)
