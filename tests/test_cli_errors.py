@@ -103,6 +103,20 @@ def test_pytorch_checkpoints_point_to_weights_convert(tmp_path):
             f"{path} {what}, not a project weights file (.safetensors); convert it once with "
             f"`python -m vpns_jax.weights convert --arch resnet50 --src {path} --out {out}` and "
             f"pass --config.weights={out}.")
+    renamed = tmp_path / "r18.safetensors"  # a .pth renamed: its bytes tell
+    renamed.write_bytes(zipped.read_bytes())
+    with pytest.raises(WeightsError, match=r"r18.safetensors is a PyTorch checkpoint \(torch.save zip"):
+        weights.load(renamed)
+    from safetensors.numpy import save_file
+
+    for pad in range(256):  # a real safetensors file whose header length's low byte is 0x80
+        plain = tmp_path / "plain.safetensors"
+        save_file({"conv1.weight": np.zeros(1, np.float32)}, plain, metadata={"p": "x" * pad})
+        if plain.read_bytes()[0] == 0x80:
+            break
+    assert plain.read_bytes()[0] == 0x80
+    with pytest.raises(WeightsError, match="not a vpns_jax weights file"):
+        weights.load(plain)
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     with pytest.raises(WeightsError, match=r"notes.txt is of an unknown format, .*--arch ARCH"):

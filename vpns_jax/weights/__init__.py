@@ -69,13 +69,14 @@ def _not_safetensors(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(9)
     size = path.stat().st_size
-    if head.startswith(b"PK\x03\x04"):
+    if len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
+        return None
+    if head.startswith(b"PK\x03\x04"):  # as a header length: petabytes, never a safetensors file
         return "a PyTorch checkpoint (torch.save zip archive)"
-    if head[:1] == b"\x80":
-        return "a PyTorch checkpoint (legacy pickle format)"
-    if path.suffix == ".safetensors" or (
-            len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"):
-        return None  # a safetensors file, or a damaged one: `_read_safetensors` says which
+    if head.startswith(b"\x80\x02\x8a\x0a") or (head[:1] == b"\x80" and path.suffix != ".safetensors"):
+        return "a PyTorch checkpoint (legacy pickle format)"  # torch's magic number, or a pickle
+    if path.suffix == ".safetensors":
+        return None  # a damaged safetensors file: `_read_safetensors` says so
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         return f"probably a PyTorch checkpoint (by its {path.suffix} name)"
     return "of an unknown format"
