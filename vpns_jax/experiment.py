@@ -143,7 +143,7 @@ def weights_path(config: mlc.ConfigDict, workdir: str) -> str:
 
 
 def _load_pretrained(config: mlc.ConfigDict, path: str) -> tuple[str, dict, dict]:
-    arch, variables, meta = weights_lib.load(path)
+    arch, variables, meta = weights_lib.load(path, arch_hint=config.arch)
     if arch != config.arch:
         raise ConfigError(f"config.arch = {config.arch!r} but the weights file {path} holds a {arch}; "
                           f"set --config.arch={arch} or point config.weights to {config.arch} weights.")
