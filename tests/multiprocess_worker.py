@@ -16,10 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 
 STOPPED = 3
 USER_ERROR = 2
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on (for a coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def small_run_config(weights: str):

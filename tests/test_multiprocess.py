@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from multiprocess_worker import small_run_config
+from multiprocess_worker import free_port, small_run_config
 from test_experiment import FASHION, small_config
 
 from vpns_jax import checkpoint, experiment, runner
@@ -46,18 +45,12 @@ pytestmark = pytest.mark.skipif(
     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it as root)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(workdir: str, weights: str, *, devices: int = 1, processes: int = 1,
             stop_after_saves: int = 0, with_log: bool = False, extra: tuple[str, ...] = (),
             returncode: int | None = None):
     """Runs the worker as `processes` processes of `devices` devices each → every process's rows
     (empty lists when the run was stopped as asked), and with `with_log` all output too."""
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     launch = len(os.listdir(os.path.dirname(workdir)))

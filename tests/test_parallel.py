@@ -8,6 +8,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from multiprocess_worker import free_port
 
 from vpns_jax import parallel
 from vpns_jax.errors import ConfigError
@@ -151,16 +152,8 @@ def test_batch_check_single_device():
     np.testing.assert_array_equal(np.asarray(out["label"]), np.arange(4))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_coordinator_times_out_with_its_address():
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ConfigError, match=f"coordinator at {address} cannot be reached"):
         parallel.wait_for_coordinator(address, 0.5)
     with pytest.raises(ConfigError, match="not 'host:port'"):
@@ -173,7 +166,7 @@ def test_unreachable_coordinator_times_out_with_its_address():
 
 
 def test_cli_reports_an_unreachable_coordinator_in_one_line(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     proc = subprocess.run(

@@ -74,15 +74,22 @@ class Context:
 # Set-up
 
 
+def _config_without(config: mlc.ConfigDict, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The config as a plain dict without top-level `fields` and the data loader's speed settings
+    (how fast batches come, not which batches)."""
+    d = json.loads(config.to_json_best_effort())
+    for field in fields:
+        d.pop(field, None)
+    for field in _NON_SEMANTIC_DATA:
+        d.get("data", {}).pop(field, None)
+    return d
+
+
 def config_fingerprint(config: mlc.ConfigDict, *, with_methods: bool = False) -> dict[str, Any]:
     """The config fields that determine every run's results: data, model, weights, seed, label
     mapping, prompt geometry; with `with_methods` also the method subtrees (whose effect on a run is
     in its stage keys)."""
-    d = json.loads(config.to_json_best_effort())
-    for field in _NON_SEMANTIC:
-        d.pop(field, None)
-    for field in _NON_SEMANTIC_DATA:  # how fast batches come, not which batches
-        d.get("data", {}).pop(field, None)
+    d = _config_without(config, _NON_SEMANTIC)
     if not with_methods:
         for name in methods.names():
             d.pop(name, None)
@@ -267,10 +274,7 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
 def _job_text(config: mlc.ConfigDict, workdir: str) -> str:
     """What every process of a job must agree on: the whole config except per-host speed settings
     (data loader threads/workers, compilation cache), and the workdir."""
-    d = json.loads(config.to_json_best_effort())
-    d.pop("compilation_cache", None)
-    for field in _NON_SEMANTIC_DATA:
-        d.get("data", {}).pop(field, None)
+    d = _config_without(config, ("compilation_cache",))
     return json.dumps({"config": d, "workdir": workdir}, sort_keys=True)
 
 

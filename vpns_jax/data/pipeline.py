@@ -685,10 +685,6 @@ class EvalLoader(_StreamOwner):
         return self.steps
 
 
-def _options(worker_count: int, prefetch: int, num_threads: int) -> Options:
-    return resolve_options(worker_count, num_threads, prefetch)
-
-
 def train_loader(
     name: str,
     *,
@@ -727,7 +723,7 @@ def train_loader(
     return TrainLoader(
         name, records, view=view, input_size=input_size, batch_size=batch_size, seed=seed,
         shard_index=shard_index, shard_count=shard_count,
-        options=_options(worker_count, prefetch, num_threads),
+        options=resolve_options(worker_count, num_threads, prefetch),
         max_steps_per_epoch=max_steps_per_epoch, on_device=on_device,
     )  # fmt: skip
 
@@ -764,6 +760,6 @@ def eval_loader(
     records = open_split(name, split, data_dir=data_dir)
     return EvalLoader(
         name, records, input_size=input_size, batch_size=batch_size, shard_index=shard_index,
-        shard_count=shard_count, options=_options(worker_count, prefetch, num_threads),
+        shard_count=shard_count, options=resolve_options(worker_count, num_threads, prefetch),
         split=split, augment_seed=augment_seed, on_device=on_device,
     )  # fmt: skip
