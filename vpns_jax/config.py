@@ -19,6 +19,7 @@ from vpns_jax.errors import ConfigError
 PROMPT_METHODS = ("pad", "fix", "random")
 LABEL_MAPPINGS = ("flm", "ilm", "new_head")
 MODES = ("train", "eval")
+ON_NONFINITE = ("stop", "skip_batch")
 # Computation dtypes of config.model.dtype: the names `vpns_jax.models.compute_dtype` maps.
 MODEL_DTYPES = tuple(models.COMPUTE_DTYPES)  # ("float32", "bfloat16")
 # Sizes the released code accepts (reference §1.1); others are allowed with a warning-free check of
@@ -85,6 +86,12 @@ def default_config() -> mlc.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # >0: also checkpoint every N iterations inside an epoch
+    # Wall-time budget in hours (0 = none): when it is spent, the run saves a checkpoint after the
+    # current iteration and exits with code 75, as on SIGTERM; the rerun resumes.
+    c.max_hours = 0.0
+    # A non-finite loss or parameter: 'stop' (exit 3, the last good checkpoint kept) or
+    # 'skip_batch' (the iteration's update is dropped and counted; the run goes on).
+    c.on_nonfinite = "stop"
     c.distributed = False  # jax.distributed.initialize() (also with env VPNS_DISTRIBUTED=1)
     c.distributed_timeout_s = 300  # how long a process waits for the job's coordinator
     c.compilation_cache = ""  # '' = ~/.cache/vpns_jax/jax_cache; 'off' disables
@@ -229,6 +236,8 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _positive_int(config, "distributed_timeout_s")
     _positive_int(config, "checkpoint_every_epochs")
     _positive_int(config, "checkpoint_every_steps", allow_zero=True)
+    _positive_float(config, "max_hours", allow_zero=True)
+    _one_of(config, "on_nonfinite", ON_NONFINITE)
     for m in chosen:  # each method validates its own options as it builds its runs
         trains_prompt = any(stage.prompt.trainable for run in methods.runs(config, m)
                             for stage in run.stages)

@@ -35,7 +35,8 @@ _SECOND_LOADER = 1_000_003  # seed offset of the 'train_b' loader
 # Fields that do not change what a run computes: a rerun may change them and still resume.
 _NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
                  "compilation_cache", "plots",
-                 "distributed", "distributed_timeout_s", "eval_batch_size", "methods", "sparsities")
+                 "distributed", "distributed_timeout_s", "eval_batch_size", "methods", "sparsities",
+                 "max_hours", "on_nonfinite")
 _NON_SEMANTIC_DATA = ("worker_count", "num_threads", "prefetch")
 
 
