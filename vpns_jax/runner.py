@@ -275,8 +275,14 @@ def _done(ckpt: checkpoint.RunCheckpointer, stage: Stage) -> dict[str, Any] | No
     return meta if meta.get('epoch') == stage.epochs and meta.get('iteration') == 0 else None
 
 
-def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
-    """Run `run.stages` from `fresh` (the pretrained state), reusing finished stages."""
+class UnfinishedChain(Exception):
+    """`run_chain(..., allow_training=False)` found the run's last stage unfinished (nothing was trained)."""
+
+
+def run_chain(env: Env, run: Run, fresh: train.TrainState, *,
+              allow_training: bool = True) -> ChainEnd:
+    """Run `run.stages` from `fresh` (the pretrained state), reusing finished stages. With
+    `allow_training=False` (mode=finalize) only a finished last stage is used: `UnfinishedChain` otherwise."""
     keys = stage_keys(env.base_key, run.stages)
     dirs = [os.path.join(env.workdir, 'stages', k) for k in keys]
     state, label_map, seconds, first = fresh, None, 0.0, 0
@@ -298,6 +304,9 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState) -> ChainEnd:
         break
     # Every process decided from the same files; only now may the next stage create its directory.
     parallel.barrier(f'chain lookup {keys[-1]}')
+    if not allow_training and first < len(run.stages):
+        raise UnfinishedChain(f'{run.name}: stage {first + 1}/{len(run.stages)} '
+                              f'({run.stages[first].name}) is not finished')
     for i in range(first, len(run.stages)):
         state, start, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
                                            seconds, fresh)
