@@ -18,7 +18,9 @@ from vpns_jax.errors import ConfigError
 
 PROMPT_METHODS = ("pad", "fix", "random")
 LABEL_MAPPINGS = ("flm", "ilm", "new_head")
-MODES = ("train", "eval")
+# train: run (or resume) every planned run; eval: evaluate the final states in --workdir again;
+# finalize: rebuild final/, results.json rows and plots from each run's finished last stage (never trains).
+MODES = ("train", "eval", "finalize")
 ON_NONFINITE = ("stop", "skip_batch")
 # Computation dtypes of config.model.dtype: the names `vpns_jax.models.compute_dtype` maps.
 MODEL_DTYPES = tuple(models.COMPUTE_DTYPES)  # ("float32", "bfloat16")
@@ -37,7 +39,9 @@ DATASET_BATCH_SIZE = {
 def default_config() -> mlc.ConfigDict:
     """Every field, with the released VPNs code's defaults (ResNet-18, CIFAR-10, 224, pad 16)."""
     c = mlc.ConfigDict()
-    c.mode = "train"  # train | eval (restore the final states in --workdir and evaluate them)
+    # train | eval (restore the final states in --workdir and evaluate them) | finalize (rebuild
+    # final/, results.json and plots from the runs' finished checkpoints; never trains)
+    c.mode = "train"
     c.methods = "vpns"  # comma-separated names of vpns_jax.methods (see README), run in this order
     c.arch = "resnet18"
     c.weights = ""  # project-format weights (python -m vpns_jax.weights convert ...)
