@@ -7,9 +7,20 @@ Layout of a workdir's checkpoints (one directory per step, written by orbax)::
 
 An interrupted save leaves ``DIR/<step>.orbax-checkpoint-tmp-*`` behind; orbax never lists it as a
 step (and this wrapper deletes it when it opens the directory), so the next restore uses the
-latest *complete* checkpoint. Anything else that cannot be restored (missing or truncated files, a
-tree that does not match the requested target, a checkpoint written by another config) raises
-:class:`vpns_jax.errors.CheckpointError` naming the directory and the fix.
+latest *complete* checkpoint.
+
+A complete checkpoint that cannot be read (a missing or truncated file, garbled meta) is *set
+aside*, never deleted: renamed ``DIR/<step>.unreadable-<UTC time>`` (orbax lists neither that nor
+a tmp directory as a step) and the previous readable one is used, with one warning naming both.
+Only when none is readable does `restore` raise :class:`vpns_jax.errors.CheckpointError` (and then
+it renames nothing). A checkpoint that reads but does not *match* (another tree, another
+config_hash) is not corruption: it is refused with a CheckpointError naming the directory and the
+fix, and left in place.
+
+Failures leave no asyncio noise behind: orbax runs each async operation on a fresh event loop and
+closes it as soon as the first of its tasks fails, while tensorstore still completes the others
+onto the closed loop ("Event loop is closed" tracebacks, "Task was destroyed but it is pending").
+`_install_draining_loops` gives orbax loops that finish their pending tasks before closing.
 
 Flat dicts with '/' in their keys (``'layer1_0/conv1/kernel'``) are stored as they are: orbax keys
 leaves by the tuple of path elements, so no key encoding is needed.
@@ -17,16 +28,22 @@ leaves by the tuple of path elements, so no key encoding is needed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import json
 import logging as std_logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
 from vpns_jax.errors import CheckpointError
@@ -37,6 +54,8 @@ _STATE = "state"
 _META = "meta"
 _FINAL_TREE = "tree"
 _MAX_MISMATCHES_SHOWN = 5
+UNREADABLE = ".unreadable-"  # DIR/<step>.unreadable-<UTC time>: a set-aside checkpoint
+_DRAIN_TIMEOUT_S = 120.0  # how long a closing event loop waits for its pending I/O tasks
 
 
 def _abs(directory: str | os.PathLike) -> str:
@@ -144,18 +163,114 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose `close()` first lets its pending tasks finish (a bounded wait).
+
+    orbax runs every async save/restore with `loop.run_until_complete(coro)` on a fresh loop, then
+    closes it. When one of `asyncio.gather`'s tasks fails, the others are still reading or writing
+    through tensorstore; their completions later land on the closed loop and print "Event loop is
+    closed" tracebacks (or "Task was destroyed but it is pending" at exit) after the clear error.
+    Finishing them here, with their exceptions retrieved, leaves nothing behind.
+    """
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                _, late = self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+                for task in late:
+                    task.cancel()
+                if late:
+                    self.run_until_complete(asyncio.wait(late, timeout=5.0))
+                for task in pending:
+                    if task.done() and not task.cancelled():
+                        task.exception()  # retrieved: no "exception was never retrieved" at exit
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingEventLoop()
+
+
+class _OrbaxErrorsReraised(std_logging.Filter):
+    """orbax logs a failed background save at ERROR with its traceback before `wait()` re-raises
+    the same exception, which RunCheckpointer turns into one CheckpointError naming the cause: the
+    record is kept at INFO level without the traceback (the CLI shows no library INFO lines)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
+            record.levelno, record.levelname = std_logging.INFO, "INFO"
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+_installed = False
+
+
+def _install_quiet_failures() -> None:
+    """Once per process: draining event loops (unless the application set its own asyncio policy,
+    e.g. uvloop's) and the filter on orbax's error records."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+        asyncio.set_event_loop_policy(_DrainingPolicy())
+    std_logging.getLogger("absl").addFilter(_OrbaxErrorsReraised())
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether `err` (or its cause) is a full disk or quota: ENOSPC/EDQUOT, or tensorstore's text."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        if ("No space left on device" in text or "Disk quota exceeded" in text
+                or f"os_error_code='{errno.ENOSPC}'" in text):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _all_processes_max(code: int) -> int:
+    """The largest of every process's `code` (each process calls it at the same point): one
+    process's failure becomes every process's decision. One process: `code`, no collective."""
+    if jax.process_count() == 1:
+        return int(code)
+    return int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
+
+
+class _Unreadable(Exception):
+    """One checkpoint cannot be read (corrupt or incomplete); `str()` is the reason, one line."""
+
+
+class _Refused(Exception):
+    """One checkpoint reads but does not fit this run; carries the user-facing CheckpointError."""
+
+    def __init__(self, error: CheckpointError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class RunCheckpointer:
     """Saves and restores a run's state pytree plus a JSON dict of progress info, one step per dir.
 
     Saves are asynchronous (arrays are copied to host before `save` returns, so the caller may
     donate them right away); `wait()` blocks until the last save is on disk; `close()` always waits.
-    All processes of a multi-host run must call `save`/`restore` together.
+    All processes of a multi-host run must call `save`/`restore`/`read_meta` together: they come to
+    the same decision about unreadable checkpoints, and only process 0 renames them.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        _install_quiet_failures()
         self.directory = _abs(directory)
+        self._saving: int | None = None  # step of the last save started and not yet checked
+        self._failed: CheckpointError | None = None  # a failed save, reported once
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp_policy.LatestN(max_to_keep),
             create=True,
@@ -169,6 +284,11 @@ class RunCheckpointer:
                 f"cannot open the checkpoint directory {self.directory} ({_short(e)}); "
                 "check that it is writable, or use a new --workdir"
             ) from e
+        # Restores read through the handler, not the manager: no barrier inside, so a process
+        # that fails cannot leave the others waiting; they agree afterwards (_all_processes_max).
+        self._reader = ocp.CompositeCheckpointHandler(
+            **{_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        )
 
     def __enter__(self) -> RunCheckpointer:
         return self
@@ -179,6 +299,9 @@ class RunCheckpointer:
     def _fix(self, step: int | None) -> str:
         where = os.path.join(self.directory, str(step)) if step is not None else self.directory
         return f"delete {where} (or the whole {self.directory}) or use a new --workdir"
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def all_steps(self) -> list[int]:
         """Steps of the saved checkpoints (saves still in flight included), ascending."""
@@ -196,25 +319,42 @@ class RunCheckpointer:
 
         A step that is already on disk is kept (returns False) unless `force`, which replaces it.
         `meta` must be JSON-able (stage name, epoch, step in epoch, data iterator state, label
-        mapping list, config hash, ...).
+        mapping list, config hash, ...). A failed earlier save raises here (CheckpointError).
         """
         meta = _check_json(meta, "checkpoint")
         step = int(step)
+        self.wait()  # the previous save's failure is reported as that save's, not this one's
         if step in self.all_steps():
             if not force:
                 return False
-            self._manager.wait_until_finished()
             self._manager.delete(step)
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state_pytree), _META: ocp.args.JsonSave(meta)}
         )
+        self._saving = step
         try:
             return bool(self._manager.save(step, args=args, force=True))
         except Exception as e:
-            raise CheckpointError(
-                f"saving checkpoint {step} in {self.directory} failed ({_short(e)}); "
-                "check the disk space and permissions of the workdir"
-            ) from e
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, err: BaseException) -> CheckpointError:
+        """The one error of a failed save of step `self._saving` (later calls raise it again)."""
+        step, self._saving = self._saving, None
+        with contextlib.suppress(Exception):
+            self._manager.reload()  # forget the failed step: only complete ones are listed
+        kept = [s for s in self.all_steps() if s != step]
+        previous = (f"checkpoint {kept[-1]} ({self._step_dir(kept[-1])}) is kept" if kept
+                    else "no earlier checkpoint of it exists")
+        if _disk_full(err):
+            message = (f"saving checkpoint {step} in {self.directory} failed: no disk space left "
+                       f"({_short(err, 160)}); {previous}. Free disk space (or move the workdir to a "
+                       "larger disk) and rerun the same command to resume")
+        else:
+            message = (f"saving checkpoint {step} in {self.directory} failed ({_short(err)}); "
+                       f"{previous}. Check the disk space and permissions of the workdir and rerun "
+                       "the same command to resume")
+        self._failed = CheckpointError(message)
+        return self._failed
 
     def keep_latest_only(self) -> None:
         """Delete every checkpoint but the newest (a finished stage keeps just its end state)."""
@@ -222,22 +362,65 @@ class RunCheckpointer:
         for step in self.all_steps()[:-1]:
             self._manager.delete(step)
 
+    # ----------------------------------------------------------------------------------- reading
+
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON meta of checkpoint `step` (latest when None), without touching the arrays."""
+        """The JSON meta of checkpoint `step`, without touching the arrays.
+
+        With `step=None`: the newest checkpoint whose meta reads; newer unreadable ones are set
+        aside (see the module docstring). CheckpointError when none (or the given step) reads.
+        """
+        if step is not None:
+            step = self._resolve_step(step)
+            try:
+                return self._read_meta(step)
+            except _Unreadable as e:
+                raise CheckpointError(
+                    f"checkpoint {step} in {self.directory} has no readable meta ({e}); "
+                    f"{self._fix(step)}"
+                ) from None
+        meta, _ = self._newest_readable(self._read_meta, "read its meta")
+        return meta
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        abstract_state: PyTree,
+        shardings: PyTree | jax.sharding.Sharding | None = None,
+        config_hash: str | None = None,
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """Restore checkpoint `step` → `(state, meta)`; with `step=None` the newest readable one.
+
+        `abstract_state` fixes the tree structure, shapes and dtypes (e.g.
+        `jax.tree.map(ocp.utils.to_shape_dtype_struct, state)`, so optax states come back as their
+        NamedTuples). `shardings` (one Sharding or a matching tree) places the arrays; without it a
+        leaf keeps its own sharding or is replicated over all devices. With `config_hash`, a
+        checkpoint whose meta has another `config_hash` is refused.
+
+        `step=None` falls back: an unreadable newest checkpoint is set aside (renamed, with a
+        warning) and the previous one restored; CheckpointError when none is readable. A
+        checkpoint that does not match the target or the config is refused, never set aside.
+        """
+        def one(s: int) -> tuple[PyTree, dict[str, Any]]:
+            return self._restore_one(s, abstract_state, shardings, config_hash)
+
+        if step is None:
+            state, meta = self._newest_readable(one, "restore it")[0]
+            return state, meta
         step = self._resolve_step(step)
         try:
-            args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-            with _quiet_orbax():  # orbax warns that the (deliberately skipped) state is not read
-                out = self._manager.restore(step, args=args)
-            return dict(out[_META])
-        except Exception as e:
+            return one(step)
+        except _Refused as e:
+            raise e.error from None
+        except _Unreadable as e:
             raise CheckpointError(
-                f"checkpoint {step} in {self.directory} has no readable meta ({_short(e)}); "
-                f"{self._fix(step)}"
-            ) from e
+                f"checkpoint {step} in {self.directory} cannot be restored ({e}); it is corrupt "
+                f"or incomplete: {self._fix(step)}"
+            ) from None
 
     def _resolve_step(self, step: int | None) -> int:
-        self._manager.wait_until_finished()
+        self.wait()
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -249,77 +432,128 @@ class RunCheckpointer:
             )
         return int(step)
 
-    def restore(
-        self,
-        step: int | None = None,
-        *,
-        abstract_state: PyTree,
-        shardings: PyTree | jax.sharding.Sharding | None = None,
-        config_hash: str | None = None,
-    ) -> tuple[PyTree, dict[str, Any]]:
-        """Restore checkpoint `step` (latest complete one when None) → `(state, meta)`.
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        path = epath.Path(self._step_dir(step))
+        try:
+            with _quiet_orbax():  # orbax warns that the (deliberately skipped) state is not read
+                out = self._reader.restore(
+                    path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+                )
+            meta = out[_META]
+        except Exception as e:
+            raise _Unreadable(_short(e)) from None
+        if not isinstance(meta, Mapping):
+            raise _Unreadable(f"the meta is {type(meta).__name__}, not a JSON object")
+        return dict(meta)
 
-        `abstract_state` fixes the tree structure, shapes and dtypes (e.g.
-        `jax.tree.map(ocp.utils.to_shape_dtype_struct, state)`, so optax states come back as their
-        NamedTuples). `shardings` (one Sharding or a matching tree) places the arrays; without it a
-        leaf keeps its own sharding or is replicated over all devices. With `config_hash`, a
-        checkpoint whose meta has another `config_hash` is refused.
-        """
-        step = self._resolve_step(step)
-        meta = self.read_meta(step)
+    def _restore_one(
+        self, step: int, abstract_state: PyTree, shardings: Any, config_hash: str | None
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """Read checkpoint `step`: _Unreadable if it cannot be read, _Refused if it does not fit."""
+        meta = self._read_meta(step)
         if config_hash is not None and meta.get("config_hash") != config_hash:
-            raise CheckpointError(
+            raise _Refused(CheckpointError(
                 f"checkpoint {step} in {self.directory} was written by a different config "
                 f"(config_hash {meta.get('config_hash')!r}, this run {config_hash!r}); use a new "
                 f"--workdir for a new config, or {self._fix(step)}"
-            )
+            ))
+        path = epath.Path(self._step_dir(step))
         try:
-            stored = self._manager.item_metadata(step)[_STATE]
+            stored = self._reader.metadata(path).item_metadata[_STATE]
             stored = getattr(stored, "tree", stored)
+            if stored is None:
+                raise FileNotFoundError(f"no '{_STATE}' item")
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} is incomplete or corrupt ({_short(e)}); "
+            raise _Unreadable(_short(e)) from None
+        problems = _mismatches(abstract_state, stored)
+        if problems:
+            shown = "; ".join(problems[:_MAX_MISMATCHES_SHOWN])
+            more = len(problems) - _MAX_MISMATCHES_SHOWN
+            shown += f"; and {more} more" if more > 0 else ""
+            raise _Refused(CheckpointError(
+                f"checkpoint {step} in {self.directory} does not match this run's state "
+                f"({shown}); it was probably written by another config or model: "
                 f"{self._fix(step)}"
-            ) from e
-        if stored is not None:
-            problems = _mismatches(abstract_state, stored)
-            if problems:
-                shown = "; ".join(problems[:_MAX_MISMATCHES_SHOWN])
-                more = len(problems) - _MAX_MISMATCHES_SHOWN
-                shown += f"; and {more} more" if more > 0 else ""
-                raise CheckpointError(
-                    f"checkpoint {step} in {self.directory} does not match this run's state "
-                    f"({shown}); it was probably written by another config or model: "
-                    f"{self._fix(step)}"
-                )
+            ))
         target = _with_shardings(abstract_state, shardings)
         try:
-            out = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            out = self._reader.restore(
+                path, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
             )
-            return out[_STATE], meta
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} cannot be restored ({_short(e)}); "
-                f"it is corrupt or incomplete: {self._fix(step)}"
-            ) from e
+            raise _Unreadable(_short(e)) from None
+        return out[_STATE], meta
+
+    def _newest_readable(self, read: Any, what: str) -> tuple[Any, int]:
+        """`(read(step), step)` for the newest step that every process reads; the newer ones that
+        some process could not read are set aside (process 0 renames, the others wait)."""
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        failed: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            result: Any = None
+            try:
+                result, code = read(step), 0
+            except _Unreadable as e:
+                result, code = str(e), 1
+            except _Refused as e:
+                result, code = e.error, 2
+            decision = _all_processes_max(code)
+            if decision == 0:
+                self._set_aside(failed, step)
+                return result, step
+            if decision == 2:
+                if code == 2:
+                    raise result
+                raise CheckpointError(
+                    f"another process refused checkpoint {step} in {self.directory} (its log "
+                    f"says why); {self._fix(step)}"
+                )
+            failed.append((step, result if code == 1 else "unreadable on another process"))
+        reasons = "; ".join(f"{self._step_dir(s)}: {r}" for s, r in failed)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} is readable, cannot {what} ({reasons}); they are "
+            f"left in place: move {self.directory} aside (or delete it) to recompute this stage "
+            "from its start, or use a new --workdir"
+        )
+
+    def _set_aside(self, failed: list[tuple[int, str]], used: int) -> None:
+        """Rename each unreadable checkpoint DIR/<step> to DIR/<step>.unreadable-<UTC time>."""
+        if not failed:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        if jax.process_index() == 0:
+            for step, reason in failed:
+                source, target = self._step_dir(step), f"{self._step_dir(step)}{UNREADABLE}{stamp}"
+                epath.Path(source).rename(target)
+                logging.warning(
+                    "checkpoint %d in %s cannot be read (%s); set it aside as %s (rename it back "
+                    "to retry it) and using checkpoint %d (%s) instead", step, self.directory,
+                    reason, target, used, self._step_dir(used))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside {self.directory} {used}")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until every started save is complete on disk (a failed one raises here)."""
+        if self._failed is not None:
+            raise self._failed
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(
-                f"a checkpoint save in {self.directory} failed ({_short(e)}); check the disk "
-                "space and permissions of the workdir"
-            ) from e
+            raise self._save_failed(e) from e
+        self._saving = None
 
     def close(self) -> None:
-        """Wait for pending saves, then release orbax's resources."""
+        """Wait for pending saves, then release orbax's resources (a failed save raises once)."""
         try:
-            self.wait()
+            if self._failed is None:
+                self.wait()
         finally:
             self._manager.close()
+            self._reader.close()
 
 
 def _final_handler() -> ocp.CompositeCheckpointHandler:
