@@ -19,3 +19,7 @@ class DataError(VpnsError):
 
 class CheckpointError(VpnsError):
     """A checkpoint in the workdir cannot be restored."""
+
+
+class Diverged(VpnsError):
+    """A non-finite loss or parameter stopped the run (config.on_nonfinite='stop')."""

@@ -16,7 +16,8 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vpns_jax.errors import VpnsError
+from vpns_jax import preemption
+from vpns_jax.errors import Diverged, VpnsError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/<file>.py[:args]; fields can be overridden with --config.x=v.",
@@ -172,9 +173,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    """Console entry: user errors print one clear message instead of a traceback."""
+    """Console entry: user errors print one clear message instead of a traceback. Exit codes: 0 done,
+    2 a user error, 3 diverged (`config.on_nonfinite`), 75 stopped by SIGTERM / SIGINT /
+    `config.max_hours` after saving (rerun to resume)."""
     try:
         app.run(main, flags_parser=_parse_flags)
+    except preemption.Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_STOPPED)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_DIVERGED)
     except VpnsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 from vpns_jax.train.loop import (
     EpochEnd,
     EpochHook,
+    NonFinite,
     StageResult,
     StepEnd,
     evaluate,
@@ -24,7 +25,7 @@ from vpns_jax.train.stages import (
     passes_preset,
     sgd,
 )
-from vpns_jax.train.state import TrainState, begin_stage, create_state
+from vpns_jax.train.state import TrainState, all_finite, begin_stage, create_state
 from vpns_jax.train.steps import (
     current_masks,
     eval_step,
@@ -38,7 +39,8 @@ from vpns_jax.train.steps import (
 
 __all__ = [
     'FROZEN', 'PROMPTED_ONLY', 'TWO_PASSES', 'UNPROMPTED', 'EpochEnd', 'EpochHook',
-    'GroupOptimizer', 'Pass', 'Stage', 'StageResult', 'StepEnd', 'TrainState', 'adam', 'begin_stage',
+    'GroupOptimizer', 'NonFinite', 'Pass', 'Stage', 'StageResult', 'StepEnd', 'TrainState', 'adam',
+    'all_finite', 'begin_stage',
     'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
     'lr_factors', 'make_eval_step', 'make_ilm_hook', 'resume_position',
     'make_group_optimizer', 'make_optimizer', 'make_source_predictions', 'make_train_step',

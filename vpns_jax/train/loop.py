@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vpns_jax import label_mapping, parallel
+from vpns_jax import label_mapping, parallel, preemption
 from vpns_jax.train import optim, steps
 from vpns_jax.train.stages import Stage
 from vpns_jax.train.state import TrainState
@@ -90,11 +90,34 @@ def resume_position(state: TrainState, steps_per_epoch: int) -> tuple[int, int]:
     return step // steps_per_epoch, step % steps_per_epoch
 
 
+class NonFinite(Exception):  # noqa: N818 (the runner turns it into errors.Diverged)
+    """A non-finite loss or metric in `stage` at `epoch` (0-based), after `iteration` iterations
+    of it (1-based: the iteration that produced it)."""
+
+    def __init__(self, stage: Stage, epoch: int, iteration: int, metrics: Mapping[str, float]):
+        self.stage, self.epoch, self.iteration, self.metrics = stage, epoch, iteration, dict(metrics)
+        bad = ', '.join(f'{k} {v}' for k, v in sorted(self.metrics.items()) if not np.isfinite(v))
+        super().__init__(f'{stage.name} epoch {epoch + 1}/{stage.epochs}, iteration {iteration}: '
+                         f'{bad}')
+
+
+def _check_finite(metrics: Mapping[str, Any], stage: Stage, epoch: int, iteration: int) -> None:
+    host = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+    if not all(np.isfinite(v) for v in host.values()):
+        raise NonFinite(stage, epoch, iteration, host)
+
+
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Means over the epoch's iterations; with 'skipped' (on_nonfinite='skip_batch'), the other
+    metrics average over the iterations that were not skipped and 'skipped' is their count."""
     if not history:
         return {}
     host = jax.device_get(history)
-    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    if 'skipped' not in host[0]:
+        return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    kept = [h for h in host if not h['skipped']] or host
+    out = {k: float(np.mean([h[k] for h in kept])) for k in host[0] if k != 'skipped'}
+    return {**out, 'skipped': float(sum(h['skipped'] for h in host))}
 
 
 def run_stage(
@@ -113,6 +136,9 @@ def run_stage(
     step_hook: Callable[[StepEnd], None] | None = None,
     step_hook_every: int = 0,
     step_fn: Callable | None = None,
+    stops: Any = None,
+    stop_hook: Callable[[StepEnd], None] | None = None,
+    on_nonfinite: str = 'stop',
 ) -> tuple[TrainState, StageResult]:
     """Run `stage` from (start_epoch, start_iteration) to its last epoch.
 
@@ -126,12 +152,21 @@ def run_stage(
     iteration, where the epoch hooks run), e.g. a mid-epoch checkpoint.
     step_fn: the jitted iteration (default `steps.make_train_step(stage, model, prompt_spec)`);
     pass a shared one so that stages with the same `Stage.compute_key()` compile once.
+    stops: a `preemption.StopRequests`, asked after every iteration; when it says stop, `stop_hook`
+    gets the state after that iteration (at an epoch's last iteration: after the epoch hooks, as
+    (epoch + 1, 0)) and `preemption.Stopped` is raised with the reason.
+    on_nonfinite: 'stop' raises `NonFinite` at the first non-finite metric (checked one iteration
+    late, so the host does not wait for the device); 'skip_batch' expects a step_fn built with
+    `skip_nonfinite=True` and raises only when every iteration of an epoch was skipped.
     Returns the final state and the stage's bookkeeping.
     """
     missing = [v for v in stage.views if v not in loaders]
     if missing:
         raise ValueError(f'stage {stage.name!r} needs loaders for views {missing}.')
-    step_fn = step_fn or steps.make_train_step(stage, model, prompt_spec)
+    step_fn = step_fn or steps.make_train_step(stage, model, prompt_spec,
+                                               skip_nonfinite=on_nonfinite == 'skip_batch')
+    guard = on_nonfinite == 'stop'
+    stopping: str | None = None
     put = put_batch or (lambda b: b)
     iterations = 0
     images = 0
@@ -151,6 +186,8 @@ def run_stage(
         for i, views in enumerate(zipped, start=skip):
             batches = {v: put(b) for v, b in zip(stage.views, views, strict=True)}
             state, step_metrics = step_fn(state, batches, label_map, factors)
+            if guard and history:  # the previous iteration's metrics: done or nearly
+                _check_finite(history[-1], stage, epoch, i)
             history.append(step_metrics)
             iterations += 1
             images += sum(int(np.shape(b['label'])[0]) for b in batches.values())
@@ -167,25 +204,37 @@ def run_stage(
             if log_every and (i + 1) % log_every == 0:
                 last = jax.device_get(step_metrics)
                 now = time.perf_counter()
-                rate = (iterations - mark_iterations) / max(now - mark, 1e-9)
-                img_rate = (images - mark_images) / max(now - mark, 1e-9)
-                eta = ''
-                if steps_per_epoch:
-                    left = (stage.epochs - epoch) * steps_per_epoch - (i + 1)
-                    eta = f' eta {left / max(rate, 1e-9) / 60:.1f} min'
-                logging.info('%s epoch %d/%d it %d%s: %s | %.2f it/s %.0f img/s%s', stage.name,
-                             epoch + 1, stage.epochs, i + 1,
-                             f'/{steps_per_epoch}' if steps_per_epoch else '',
+                logging.info('%s epoch %d/%d it %d%s: %s | %s', stage.name, epoch + 1,
+                             stage.epochs, i + 1, f'/{steps_per_epoch}' if steps_per_epoch else '',
                              ' '.join(f'{k} {float(v):.4f}' for k, v in sorted(last.items())),
-                             rate, img_rate, eta)
+                             _speed(iterations - mark_iterations, images - mark_images,
+                                    now - mark, _left(stage, epoch, i + 1, steps_per_epoch)))
                 mark, mark_images, mark_iterations = now, images, iterations
+            reason = stops.check() if stops is not None else None
+            if reason and (i + 1) != steps_per_epoch:
+                if guard:
+                    _check_finite(step_metrics, stage, epoch, i + 1)
+                _stop(stop_hook, StepEnd(stage, epoch, i + 1, state, label_map), reason)
+            if reason:
+                stopping = reason
+                break
+        if guard and history:
+            _check_finite(history[-1], stage, epoch, skip + len(history))
         metrics = _mean_metrics(history)
+        if metrics.get('skipped') and metrics['skipped'] == len(history):
+            raise NonFinite(stage, epoch, skip + len(history), {'skipped': float('nan')})
+        if metrics.get('skipped'):
+            logging.warning('%s epoch %d/%d: %d of %d iterations skipped (non-finite loss or '
+                            'state; config.on_nonfinite=skip_batch)', stage.name, epoch + 1,
+                            stage.epochs, int(metrics['skipped']), len(history))
         logging.info('%s epoch %d/%d done: %s', stage.name, epoch + 1, stage.epochs,
                      ' '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
         for hook in hooks:
             new_map = hook(EpochEnd(stage, epoch, state, label_map, metrics))
             if new_map is not None:
                 label_map = new_map
+        if stopping:
+            _stop(stop_hook, StepEnd(stage, epoch + 1, 0, state, label_map), stopping)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - started
     return state, StageResult(
@@ -197,6 +246,28 @@ def run_stage(
         metrics=metrics,
         first_iteration_seconds=first_iteration_seconds,
     )
+
+
+def _left(stage: Stage, epoch: int, done: int, steps_per_epoch: int | None) -> int | None:
+    """Iterations left in the stage after `done` iterations of `epoch` (None: unknown length)."""
+    return (stage.epochs - epoch) * steps_per_epoch - done if steps_per_epoch else None
+
+
+def _speed(iterations: int, images: int, seconds: float, left: int | None) -> str:
+    """'2.10 it/s 134 img/s eta 3.2 min' over the iterations since the last log line; before any
+    iteration after the first (compiling) one has been timed: no rate yet."""
+    if iterations <= 0 or seconds <= 0:
+        return 'speed and eta from the next log line (the first iteration compiled the step)'
+    rate = iterations / seconds
+    eta = f' eta {left / rate / 60:.1f} min' if left is not None else ''
+    return f'{rate:.2f} it/s {images / seconds:.0f} img/s{eta}'
+
+
+def _stop(stop_hook: Callable[[StepEnd], None] | None, end: StepEnd, reason: str) -> None:
+    """Save through `stop_hook`, then raise `preemption.Stopped(reason)`."""
+    if stop_hook is not None:
+        stop_hook(end)
+    raise preemption.Stopped(reason)
 
 
 def evaluate(

@@ -51,6 +51,13 @@ class TrainState:
         return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
+def all_finite(tree: Tree) -> jax.Array:
+    """bool[]: every floating-point leaf of `tree` is free of NaN and inf (True for no leaves)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def create_state(
     variables: Mapping[str, Tree],
     *,

@@ -26,7 +26,7 @@ from vpns_jax.data import device_augment
 from vpns_jax.errors import ConfigError
 from vpns_jax.train import optim
 from vpns_jax.train.stages import GROUPS, Pass, Stage
-from vpns_jax.train.state import TrainState, frozen_masks, learned_masks, zero_pruned
+from vpns_jax.train.state import TrainState, all_finite, frozen_masks, learned_masks, zero_pruned
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -156,14 +156,17 @@ def _with_implicit_term(grads: dict[str, Any], collected: Mapping[str, Any], pas
 
 def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.Array | None,
                factors: Mapping[str, jax.Array], *, stage: Stage, model: Any,
-               prompt_spec: Any = None) -> tuple[TrainState, Metrics]:
+               prompt_spec: Any = None, skip_nonfinite: bool = False) -> tuple[TrainState, Metrics]:
     """One iteration: every pass of `stage` in order, each with its own optimizer step.
 
     batches: ``{view: {'image': f32[B,H,W,3] in [0,1], 'label': i32[B]}}`` for the views of the
     stage. label_map: i32[T] FLM index vector into the source logits, or None. factors: per-group
-    lr multipliers of the current epoch (`optim.lr_factors`). Returns the new state (step + 1) and
-    scalar metrics.
+    lr multipliers of the current epoch (`optim.lr_factors`). skip_nonfinite: when a loss or the
+    updated state is not finite, the iteration's updates are dropped (the state stays as it was,
+    apart from the step count) and metric 'skipped' is 1 (`config.on_nonfinite='skip_batch'`).
+    Returns the new state (step + 1) and scalar metrics.
     """
+    before = state
     metrics: Metrics = {}
     collected = None
     for index, pass_ in enumerate(stage.passes):
@@ -172,7 +175,11 @@ def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.A
                                     prompt_spec=prompt_spec, collected=collected)
         collected = grads if grads is not None else collected
         metrics.update(m)
-    return state.replace(step=state.step + 1), metrics
+    if skip_nonfinite:
+        ok = all_finite(metrics) & all_finite(state)
+        state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), state, before)
+        metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+    return state.replace(step=before.step + 1), metrics
 
 
 def _eval_logits(state: TrainState, images: jax.Array, *, stage: Stage, model: Any,
@@ -216,10 +223,12 @@ def source_predictions(state: TrainState, batch: Batch, *, stage: Stage, model: 
     return jnp.argmax(logits, -1).astype(jnp.int32)
 
 
-def make_train_step(stage: Stage, model: Any, prompt_spec: Any = None) -> Callable:
+def make_train_step(stage: Stage, model: Any, prompt_spec: Any = None, *,
+                    skip_nonfinite: bool = False) -> Callable:
     """`train_step` with the statics bound, jitted, state donated:
     ``(state, batches, label_map, factors) -> (state, metrics)``."""
-    fn = functools.partial(train_step, stage=stage, model=model, prompt_spec=prompt_spec)
+    fn = functools.partial(train_step, stage=stage, model=model, prompt_spec=prompt_spec,
+                           skip_nonfinite=skip_nonfinite)
     return jax.jit(fn, donate_argnums=0)
 
 
