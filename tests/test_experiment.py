@@ -247,35 +247,71 @@ def test_switches_end_to_end(finished, tmp_path):
     assert run["gradient_steps"] == 2 * 5  # one prompted pass per iteration
 
 
-def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tmp_path, monkeypatch):
-    """checkpoint_every_steps: a run stopped inside an epoch restarts from that iteration."""
-    config, _, results = finished
+def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tmp_path, monkeypatch,
+                                                                    caplog):
+    """checkpoint_every_steps: a run stopped inside an epoch restarts from a step checkpoint; when
+    the newest one is corrupt (a truncated file) it is set aside and the previous one is used, and
+    the run still ends bit-identical to the uninterrupted one."""
+    import glob
+    import logging
+
+    from jax import tree_util
+
+    from vpns_jax.checkpoint import load_final
+
+    config, finished_workdir, results = finished
     config = config.copy_and_resolve_references()
     config.checkpoint_every_steps = 7  # not a semantic field: results must equal the plain run's
     real_run_stage = experiment.train.run_stage
     starts = []
 
-    def stop_after_first_step_checkpoint(stage, *args, **kwargs):
-        save = kwargs["step_hook"]
+    def stop_after_second_step_checkpoint(stage, *args, **kwargs):
+        save, saved = kwargs["step_hook"], []
 
         def save_then_stop(end):
             save(end)
-            raise KeyboardInterrupt
+            saved.append(end.iteration)
+            if len(saved) == 2:
+                raise KeyboardInterrupt
 
         return real_run_stage(stage, *args, **{**kwargs, "step_hook": save_then_stop})
 
     workdir = str(tmp_path / "run")
-    monkeypatch.setattr(experiment.train, "run_stage", stop_after_first_step_checkpoint)
+    monkeypatch.setattr(experiment.train, "run_stage", stop_after_second_step_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, workdir)
+    (latest,) = glob.glob(os.path.join(workdir, "stages", "*", "14"))
+    stage_dir = os.path.dirname(latest)
+    assert sorted(os.listdir(stage_dir)) == ["14", "7"]
+    data_files = glob.glob(os.path.join(latest, "state", "**", "d", "*"), recursive=True)
+    assert data_files
+    for f in data_files:
+        os.truncate(f, os.path.getsize(f) // 2)
 
     def record_start(stage, *args, **kwargs):
         starts.append((stage.name, kwargs["start_epoch"], kwargs["start_iteration"]))
         return real_run_stage(stage, *args, **kwargs)
 
     monkeypatch.setattr(experiment.train, "run_stage", record_start)
-    resumed = experiment.run(config, workdir)
+    with caplog.at_level(logging.WARNING):
+        resumed = experiment.run(config, workdir)
     assert starts == [("mask_finding", 0, 7), ("tuning", 0, 0)]
+    (aside,) = glob.glob(os.path.join(stage_dir, "14.unreadable-*"))
+    assert len(glob.glob(os.path.join(aside, "state", "**", "d", "*"), recursive=True)) == len(
+        data_files)  # set aside, not deleted
+    warnings = [r.getMessage() for r in caplog.records if "set it aside" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint 14 in {stage_dir} cannot be read (")
+    assert warnings[0].endswith(f"set it aside as {aside} (rename it back to retry it) and using "
+                                f"checkpoint 7 ({stage_dir}/7) instead")
     (a,), (b,) = results["runs"], resumed["runs"]
     for key in ("accuracy", "accuracy_with_prompt", "actual_sparsity", "gradient_steps"):
         assert a[key] == b[key], key
+    want, _ = load_final(os.path.join(finished_workdir, "final", "vpns_s0.5"))
+    got, _ = load_final(os.path.join(workdir, "final", "vpns_s0.5"))
+    assert tree_util.tree_structure(want) == tree_util.tree_structure(got)
+    for x, y in zip(tree_util.tree_leaves(want), tree_util.tree_leaves(got), strict=True):
+        np.testing.assert_array_equal(x, y)  # bit-identical final state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rebuilding outputs (final/, results.json, plots) from the checkpoints; the resume check's fields

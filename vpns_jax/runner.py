@@ -267,12 +267,17 @@ def _label_map(lm: Any) -> np.ndarray | None:
     return None if lm is None else np.asarray(lm, np.int32)
 
 
+def _finished(meta: Mapping[str, Any], stage: Stage) -> bool:
+    return meta.get('epoch') == stage.epochs and meta.get('iteration') == 0
+
+
 def _done(ckpt: checkpoint.RunCheckpointer, stage: Stage) -> dict[str, Any] | None:
-    latest = ckpt.latest_step()
-    if latest is None:
+    """The meta of the stage's newest checkpoint whose meta reads (unreadable newer ones are set
+    aside) when it holds the stage's end, else None."""
+    if ckpt.latest_step() is None:
         return None
-    meta = ckpt.read_meta(latest)
-    return meta if meta.get('epoch') == stage.epochs and meta.get('iteration') == 0 else None
+    meta = ckpt.read_meta()
+    return meta if _finished(meta, stage) else None
 
 
 class UnfinishedChain(Exception):
@@ -294,9 +299,12 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState, *,
             meta = _done(ckpt, run.stages[i])
             if meta is None:
                 continue
-            state, meta = ckpt.restore(ckpt.latest_step(),
-                                       abstract_state=template(env, run.stages, i, fresh))
-        state, label_map = env.replicate(state), _label_map(meta['label_map'])
+            # The newest readable checkpoint: if the end state itself is unreadable (set aside),
+            # an earlier one of the stage is, and `_run_stage` resumes the stage from it.
+            restored, meta = ckpt.restore(abstract_state=template(env, run.stages, i, fresh))
+            if not _finished(meta, run.stages[i]):
+                continue
+        state, label_map = env.replicate(restored), _label_map(meta['label_map'])
         start = meta
         seconds, first = float(meta['chain_seconds']), i + 1
         logging.info('%s: stage %d/%d (%s) is done already (%s), reusing it', run.name, i + 1,
@@ -328,7 +336,8 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
     try:
         latest = ckpt.latest_step()
         if latest is not None:
-            state, meta = ckpt.restore(latest, abstract_state=template(env, run.stages, i, fresh))
+            # The newest readable checkpoint (unreadable newer ones are set aside, with a warning).
+            state, meta = ckpt.restore(abstract_state=template(env, run.stages, i, fresh))
             state, progress = env.replicate(state), dict(meta)
             progress['label_map'] = _label_map(progress['label_map'])
             for view, data_state in (progress.get('data') or {}).items():
