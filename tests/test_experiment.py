@@ -6,20 +6,26 @@ chance, resume after an interruption (same result, stages not re-run), eval mode
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+from unittest import mock
 
+import jax
+import ml_collections as mlc
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from vpns_jax import experiment, models, sparsity
+from vpns_jax import checkpoint, data, experiment, methods, models, runner, sparsity, weights
 from vpns_jax import workdir as workdir_lib
 from vpns_jax.config import default_config
-from vpns_jax.errors import ConfigError
+from vpns_jax.errors import CheckpointError, ConfigError
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,13 +58,71 @@ def small_config(weights: str) -> object:
     return c
 
 
+class ConfigReads:
+    """Every leaf field of `config` read while active: dotted name -> the vpns_jax functions that
+    read it ('module.qualname' of the innermost vpns_jax frame). Reads that only validate or
+    fingerprint the config (they read every field) are left out."""
+
+    SKIP = {"vpns_jax.config.validate", "vpns_jax.experiment.config_fingerprint",
+            "vpns_jax.experiment._config_without", "vpns_jax.experiment._job_text",
+            "vpns_jax.experiment._write_config", "vpns_jax.experiment._differences"}
+
+    def __init__(self, config):
+        self.reads: dict[str, set[str]] = collections.defaultdict(set)
+        self._prefix: dict[int, str] = {}
+        stack = [(config, "")]
+        while stack:
+            node, prefix = stack.pop()
+            self._prefix[id(node)] = prefix
+            stack += [(v, f"{prefix}{k}.") for k, v in node._fields.items()
+                      if isinstance(v, mlc.ConfigDict)]
+
+    def _reader(self) -> str | None:
+        frame, reader = sys._getframe(2), None
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith("vpns_jax."):
+                name = f"{module}.{frame.f_code.co_qualname}"
+                if name in self.SKIP:
+                    return None
+                reader = reader or name
+            frame = frame.f_back
+        return reader
+
+    def __enter__(self):
+        original = mlc.ConfigDict.__getitem__
+
+        def getitem(node, key):
+            value = original(node, key)
+            prefix = self._prefix.get(id(node))
+            if prefix is not None and isinstance(key, str) and "." not in key and not isinstance(
+                    value, mlc.ConfigDict):
+                reader = self._reader()
+                if reader:
+                    self.reads[prefix + key].add(reader)
+            return value
+
+        self._patch = mock.patch.object(mlc.ConfigDict, "__getitem__", getitem)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.stop()
+
+
+FINISHED_READS: dict[str, set[str]] = {}  # what the `finished` run read of its config
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """(config, workdir, results) of one uninterrupted run; trains the proxy weights on first use."""
+    """(config, workdir, results) of one uninterrupted run; trains the proxy weights on first use.
+    Every config field the run reads, and where, is recorded in FINISHED_READS."""
     base = tmp_path_factory.mktemp("e2e")
     config = small_config(str(base / "proxy.safetensors"))
     workdir = str(base / "run")
-    results = experiment.run(config, workdir)
+    with ConfigReads(config) as recorder:
+        results = experiment.run(config, workdir)
+    FINISHED_READS.update(recorder.reads)
     return config, workdir, results
 
 
@@ -76,7 +140,6 @@ def test_results_json_and_exact_sparsity(finished):
     assert run["gradient_steps"] == 4 * 22 * 2
     # Global threshold: exactly floor(0.5 N) prunable weights removed.
     model = models.create("resnet18", 10, width=0.25)
-    import jax
 
     params = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), 32))["params"]
     n = sum(int(np.prod(params_leaf.shape)) for path, params_leaf in
@@ -315,3 +378,161 @@ def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tm
 
 # ----------------------------------------------------------------------------------------------------
 # Rebuilding outputs (final/, results.json, plots) from the checkpoints; the resume check's fields
+
+
+def _copy_of(finished, tmp_path) -> str:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished[1], workdir)
+    return workdir
+
+
+def _never_train(monkeypatch) -> None:
+    def fail(stage, *args, **kwargs):
+        raise AssertionError(f"stage {stage.name} trained")
+
+    monkeypatch.setattr(experiment.train, "run_stage", fail)
+
+
+_ROW_FIELDS = ("method", "sparsity", "seed", "key", "accuracy", "accuracy_with_prompt",
+               "accuracy_without_prompt", "actual_sparsity", "epochs", "gradient_steps")
+
+
+def _same_rows(a: dict, b: dict) -> None:
+    assert [{k: r[k] for k in _ROW_FIELDS} for r in a["runs"]] == [
+        {k: r[k] for k in _ROW_FIELDS} for r in b["runs"]]
+
+
+def _same_final(a: str, b: str) -> None:
+    (ta, ma), (tb, mb) = checkpoint.load_final(a), checkpoint.load_final(b)
+    assert ma == mb
+    fa, fb = traverse_util.flatten_dict(ta, sep="/"), traverse_util.flatten_dict(tb, sep="/")
+    assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_missing_or_truncated_final_is_rebuilt_without_training(finished, tmp_path, monkeypatch):
+    config, original, results = finished
+    workdir = _copy_of(finished, tmp_path)
+    _never_train(monkeypatch)
+    final = os.path.join(workdir, "final", "vpns_s0.5")
+    shutil.rmtree(final)
+    again = experiment.run(config, workdir)
+    assert "train_step" not in again["compiles"]
+    _same_rows(again, results)
+    _same_final(final, os.path.join(original, "final", "vpns_s0.5"))
+    files = [os.path.join(d, n) for d, _, names in os.walk(final) for n in names]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    with pytest.raises(CheckpointError):
+        checkpoint.load_final(final)
+    again = experiment.run(config, workdir)
+    _same_rows(again, results)
+    _same_final(final, os.path.join(original, "final", "vpns_s0.5"))
+
+
+def test_finalize_rebuilds_results_never_trains(finished, tmp_path, monkeypatch, capsys):
+    """mode=finalize on a workdir without results.json: an unfinished run gets one line, a
+    finished one its row, final/ state and plot back; a garbled results.json is set aside."""
+    config, _, results = finished
+    workdir = _copy_of(finished, tmp_path)
+    _never_train(monkeypatch)
+    for name in ("results.json", "accuracy_vs_sparsity.png"):
+        os.remove(os.path.join(workdir, name))
+    shutil.rmtree(os.path.join(workdir, "final"))
+    c = config.copy_and_resolve_references()
+    c.mode = "finalize"
+    (run,) = experiment.plan(c)
+    last = os.path.join(workdir, "stages", runner.stage_keys(experiment.base_key(c), run.stages)[-1])
+    os.rename(last, last + ".away")
+    assert experiment.run(c, workdir)["runs"] == []
+    assert ("vpns_s0.5: stage 2/2 (tuning) is not finished; run with --config.mode=train to "
+            "finish it") in capsys.readouterr().out
+    os.rename(last + ".away", last)
+    _same_rows(experiment.run(c, workdir), results)
+    _same_rows(json.load(open(os.path.join(workdir, "results.json"))), results)
+    assert os.path.exists(os.path.join(workdir, "accuracy_vs_sparsity.png"))
+    assert checkpoint.load_final(os.path.join(workdir, "final", "vpns_s0.5"))[1]["method"] == "vpns"
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        f.write('{"runs": [{"meth')
+    _same_rows(experiment.run(config, workdir), results)  # train mode: set aside, rebuilt
+    (aside,) = [n for n in os.listdir(workdir) if n.startswith("results.json.unreadable-")]
+    assert open(os.path.join(workdir, aside)).read() == '{"runs": [{"meth'
+
+
+def test_config_json_is_written_only_once_weights_and_data_are_valid(finished, tmp_path):
+    """A first run with weights of another arch (or none) is refused and records nothing, so the
+    rerun with the right --config.weights is not refused as 'a different config'."""
+    config, _, _ = finished
+    c = config.copy_and_resolve_references()
+    c.proxy.dataset = ""
+    workdir = str(tmp_path / "run")
+    wrong = str(tmp_path / "resnet34.safetensors")
+    model = models.create("resnet34", 10, width=0.0625)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), 32))
+    weights.save(wrong, "resnet34", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+                 options={"width": 0.0625, "num_classes": 10})
+    for path, message in ((str(tmp_path / "missing.safetensors"), "missing.safetensors"),
+                          (wrong, "config.arch = 'resnet18' but the weights file")):
+        c.weights = path
+        with pytest.raises(Exception, match=re.escape(message)):
+            experiment.setup(c, workdir)
+        assert not os.path.exists(os.path.join(workdir, "config.json"))
+    c.weights = config.weights
+    experiment.setup(c, workdir)
+    assert json.load(open(os.path.join(workdir, "config.json")))["weights"] == config.weights
+
+
+def test_capped_label_mapping_split_does_not_depend_on_eval_batch_size(finished, tmp_path):
+    """With steps_per_epoch, label mapping reads steps_per_epoch x batch_size training examples
+    (as many as an epoch trains on) whatever eval_batch_size; a criterion's batch is a training
+    batch. Before: steps_per_epoch batches of eval_batch_size (accuracy 37% -> 26%)."""
+    config, _, _ = finished
+    c = config.copy_and_resolve_references()
+    c.steps_per_epoch, c.eval_batch_size = 3, 40  # 120 = 3 x 40 examples: not a whole batch
+    ctx = experiment.setup(c, str(tmp_path / "run"))
+    batches = list(ctx.env.label_map_batches(1))
+    assert [b["image"].shape[0] for b in batches] == [40] * 5  # ceil(3 * 64 / 40)
+    valid = np.concatenate([b["mask"] for b in batches])
+    assert valid.sum() == 3 * 64 and valid[:192].all()
+    reference = data.eval_loader("digits", split="train", augment_seed=c.seed + 1, input_size=32,
+                                 batch_size=64)
+    expected = [b for _, b in zip(range(3), reference, strict=False)]
+    for key in ("image", "label"):
+        got = np.concatenate([b[key] for b in batches])[valid]
+        assert np.array_equal(got, np.concatenate([b[key] for b in expected]))
+    assert next(iter(ctx.env.criterion_batches()))["image"].shape[0] == 64
+
+
+def test_prompt_at_test_is_part_of_the_row_key(finished):
+    config, _, _ = finished
+    c = config.copy_and_resolve_references()
+    base = experiment.base_key(c)
+    (plain,) = experiment.plan(c)
+    c.vpns.at_test = True
+    (at_test,) = experiment.plan(c)
+    assert plain.stages == at_test.stages and at_test.prompt_at_test
+    assert experiment.row_key(base, plain) == runner.stage_keys(base, plain.stages)[-1]
+    assert experiment.row_key(base, at_test) != experiment.row_key(base, plain)
+
+
+def test_fields_left_out_of_the_resume_check_are_read_only_by_speed_and_logging_code(finished):
+    """Derived from what the finished run read: a field outside the fingerprint may only be read
+    by the functions NON_SEMANTIC names for it; a method's options only by the method's plan
+    (its runs' stages and prompt_at_test make the row key)."""
+    config, _, _ = finished
+    assert FINISHED_READS, "the finished run recorded no config reads"
+    every = set(traverse_util.flatten_dict(config.to_dict(), sep="."))
+    checked = set(traverse_util.flatten_dict(experiment.config_fingerprint(config, with_methods=True),
+                                             sep="."))
+    assert set(experiment.NON_SEMANTIC) == every - checked  # exactly these are left out
+    wrong = {}
+    for field, readers in sorted(FINISHED_READS.items()):
+        if field.split(".")[0] in methods.names():
+            wrong[field] = {r for r in readers if not r.startswith("vpns_jax.methods.")}
+        elif field not in checked:
+            wrong[field] = readers - set(experiment.NON_SEMANTIC[field])
+    wrong = {field: sorted(readers) for field, readers in wrong.items() if readers}
+    assert not wrong, f"left out of the resume check but read by other code: {wrong}"
+    for field in ("batch_size", "seed", "dataset", "label_mapping", "input_size", "prompt.pad_size",
+                  "steps_per_epoch", "eval_batch_size", "log_every_steps"):
+        assert field in FINISHED_READS, field  # the recording sees the run's reads

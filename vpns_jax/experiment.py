@@ -12,9 +12,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -32,12 +33,31 @@ from vpns_jax.errors import CheckpointError, ConfigError
 from vpns_jax.methods.plan import Run, run_id
 
 _SECOND_LOADER = 1_000_003  # seed offset of the 'train_b' loader
-# Fields that do not change what a run computes: a rerun may change them and still resume.
-_NON_SEMANTIC = ("mode", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
-                 "compilation_cache", "plots",
-                 "distributed", "distributed_timeout_s", "eval_batch_size", "methods", "sparsities",
-                 "max_hours", "on_nonfinite")
-_NON_SEMANTIC_DATA = ("worker_count", "num_threads", "prefetch")
+# Fields that do not change what a run computes (a rerun may change them and still resume), each
+# with the only functions that may read it: speed, logging, checkpoint frequency, job control, and
+# which runs exist (each row's key holds its own method options and sparsity). Every other field is
+# in the resume check. tests/test_experiment.py records every config read of a whole run and fails
+# when a field left out here is read anywhere else.
+_E, _R, _P, _M = "vpns_jax.experiment.", "vpns_jax.runner.", "vpns_jax.proxy.", "vpns_jax.main."
+NON_SEMANTIC: dict[str, tuple[str, ...]] = {
+    "mode": (_E + "run", _E + "_run", _E + "setup"),
+    "methods": ("vpns_jax.config.method_list",),
+    "sparsities": ("vpns_jax.methods.plan.sparsity_levels",),
+    "log_every_steps": (_R + "_train", _P + "_train", _P + "train_proxy"),
+    "checkpoint_every_epochs": (_R + "_train.<locals>.epoch_hook", _P + "_train.<locals>.epoch_hook"),
+    "checkpoint_every_steps": (_R + "_train", _P + "_train"),
+    "compilation_cache": (_M + "main",),
+    "plots": (_E + "_report",),
+    "distributed": (_M + "main",),
+    "distributed_timeout_s": (_M + "main",),
+    "eval_batch_size": (_E + "eval_batch_size",),  # batches of passes counted per example
+    "max_hours": (_E + "run",),
+    "on_nonfinite": (_E + "setup", _R + "_train"),
+    "data.worker_count": (_E + "data_options", _P + "train_proxy"),
+    "data.num_threads": (_E + "data_options", _P + "train_proxy"),
+    "data.prefetch": (_E + "data_options", _P + "train_proxy"),
+}
+_PER_HOST = ("compilation_cache", "data.worker_count", "data.num_threads", "data.prefetch")
 
 
 @dataclasses.dataclass
@@ -75,14 +95,15 @@ class Context:
 # Set-up
 
 
-def _config_without(config: mlc.ConfigDict, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The config as a plain dict without top-level `fields` and the data loader's speed settings
-    (how fast batches come, not which batches)."""
+def _config_without(config: mlc.ConfigDict, fields: Iterable[str]) -> dict[str, Any]:
+    """The config as a plain dict without the (dotted) `fields`."""
     d = json.loads(config.to_json_best_effort())
     for field in fields:
-        d.pop(field, None)
-    for field in _NON_SEMANTIC_DATA:
-        d.get("data", {}).pop(field, None)
+        *parents, leaf = field.split(".")
+        node = d
+        for name in parents:
+            node = node.get(name, {})
+        node.pop(leaf, None)
     return d
 
 
@@ -90,7 +111,7 @@ def config_fingerprint(config: mlc.ConfigDict, *, with_methods: bool = False) ->
     """The config fields that determine every run's results: data, model, weights, seed, label
     mapping, prompt geometry; with `with_methods` also the method subtrees (whose effect on a run is
     in its stage keys)."""
-    d = _config_without(config, _NON_SEMANTIC)
+    d = _config_without(config, NON_SEMANTIC)
     if not with_methods:
         for name in methods.names():
             d.pop(name, None)
@@ -116,13 +137,10 @@ def _saved_config(workdir: str) -> mlc.ConfigDict | None:
     return mlc.ConfigDict(saved)
 
 
-def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool,
-                           write: bool = True) -> dict[str, Any]:
+def _check_config(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     """Refuse a workdir whose runs used other data/model settings (every row depends on them); a
-    method's own options may change: its rows are then refused one by one (`run`). With `write`
-    (training), config.json is (atomically) rewritten when it is new or its text changed. Returns the
+    method's own options may change: its rows are then refused one by one (`run`). Returns the
     saved config's fingerprint with the method subtrees (empty for a new workdir)."""
-    path = os.path.join(workdir, "config.json")
     saved = _saved_config(workdir)
     if saved is not None:
         details = _differences(config_fingerprint(saved), config_fingerprint(config))
@@ -130,12 +148,27 @@ def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool,
             raise CheckpointError(
                 f"{workdir} holds a run with a different config ({details}); resuming would mix "
                 "them. Use a new --workdir, or the saved config.json's values.")
-    parallel.barrier("config read")  # nobody reads config.json while process 0 rewrites it
+    return {} if saved is None else config_fingerprint(saved, with_methods=True)
+
+
+def _write_config(config: mlc.ConfigDict, workdir: str, primary: bool) -> None:
+    """Process 0 (atomically) rewrites config.json when it is new or its text changed; every
+    process calls it, after `_check_config` (nobody reads config.json while it is rewritten)."""
+    parallel.barrier("config read")
+    path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2)
-    if primary and write and (saved is None or text != _read_text(path)):
+    if primary and (not os.path.exists(path) or text != _read_text(path)):
         os.makedirs(workdir, exist_ok=True)
         workdir_lib.write_text(path, text)
-    return {} if saved is None else config_fingerprint(saved, with_methods=True)
+
+
+def _check_or_write_config(config: mlc.ConfigDict, workdir: str, primary: bool,
+                           write: bool = True) -> dict[str, Any]:
+    """`_check_config`, then with `write` (training) `_write_config`; returns the former's result."""
+    previous = _check_config(config, workdir)
+    if write:
+        _write_config(config, workdir, primary)
+    return previous
 
 
 def _read_text(path: str) -> str:
@@ -184,8 +217,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
     info = parallel.process_info()
     os.makedirs(workdir, exist_ok=True)
     parallel.check_same_on_all_processes("the config and workdir", _job_text(config, workdir))
-    previous = _check_or_write_config(config, workdir, info.is_primary,
-                                      write=writable and config.mode != "eval")
+    previous = _check_config(config, workdir)  # refused before a proxy trains or data is read
     data_dir = config.data_dir or None
     manual_dir = config.manual_dir or None
     path = weights_path(config, workdir)
@@ -225,11 +257,15 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
                                        max_steps_per_epoch=config.steps_per_epoch, **shard,
                                        **pipe, on_device=on_device)
                for view in sorted(views)}
-    eval_batch = config.eval_batch_size or config.batch_size
+    eval_batch = eval_batch_size(config)
     parallel.global_batch_size_check(eval_batch, mesh)
     eval_loader = data.eval_loader(config.dataset, input_size=config.input_size,
                                    batch_size=eval_batch, data_dir=data_dir, **shard, **pipe,
                                    on_device=on_device)
+    # Weights and data are valid: only now is this config recorded (a run refused above, e.g. for
+    # weights of another arch, leaves no config.json that would refuse the corrected rerun).
+    if writable and config.mode != "eval":
+        _write_config(config, workdir, info.is_primary)
     spec = prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
                               output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
                               mask_size=config.prompt.mask_size)
@@ -238,26 +274,47 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
                   mesh=mesh, loaders=loaders, eval_loader=eval_loader, primary=info.is_primary,
                   runs=runs, previous=previous)
 
-    def train_split(epoch: int, sharded: bool = True, on_device: bool = on_device):
+    def train_split(epoch: int, sharded: bool = True, on_device: bool = on_device,
+                    batch_size: int = eval_batch):
         """The training split once, with the training augmentation (the reference's train loader
         for label mapping and the data-driven criteria); unsharded: every process reads it all.
         The criteria run on host batches: always augmented on the host."""
         loader = data.eval_loader(config.dataset, split="train", augment_seed=config.seed + epoch,
-                                  input_size=config.input_size, batch_size=eval_batch,
+                                  input_size=config.input_size, batch_size=batch_size,
                                   data_dir=data_dir, **(shard if sharded else {}), **pipe,
                                   on_device=on_device)
-        return itertools.islice(loader, config.steps_per_epoch or None)
+        return capped(loader, config.steps_per_epoch * config.batch_size)
 
     ctx.env = runner.Env(config=config, workdir=workdir, base_key=base_key(config), model=model,
                          initial=_initial_variables(ctx), prompt_spec=spec, loaders=loaders,
                          num_source=num_source, num_target=num_target, put=ctx.put,
                          replicate=ctx.replicate, label_map_batches=train_split,
-                         criterion_batches=lambda: train_split(0, sharded=False, on_device=False),
+                         # one criterion batch is one training batch, as the reference's
+                         criterion_batches=lambda: train_split(0, sharded=False, on_device=False,
+                                                               batch_size=config.batch_size),
                          evaluate=lambda state, stage, label_map: train.evaluate(
                              ctx.env.steps.eval(stage, prompted=False), state, eval_loader,
                              label_map, ctx.put)["accuracy"],
                          steps=runner.StepCache(model, spec), primary=info.is_primary)
     return ctx
+
+
+def eval_batch_size(config: mlc.ConfigDict) -> int:
+    """The global batch of the passes whose results are counted example by example (test accuracy,
+    label-mapping counts): config.eval_batch_size, 0 = batch_size. It changes their speed only."""
+    return config.eval_batch_size or config.batch_size
+
+
+def capped(loader: Any, examples: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of one pass of an eval-style `loader` over its first `examples` examples (0 = all):
+    later rows' 'mask' is False and batches past them are not read, so the examples used do not
+    depend on the loader's batch size (the cap of capped epochs, steps_per_epoch x batch_size)."""
+    if not examples or examples >= loader.num_examples:
+        yield from loader
+        return
+    keys = loader.plan()  # record key (= position in the split) of each local row, -1 = padding
+    for step, batch in enumerate(itertools.islice(loader, math.ceil(examples / loader.batch_size))):
+        yield {**batch, "mask": np.asarray(batch["mask"], bool) & (keys[step] < examples)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +332,7 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
 def _job_text(config: mlc.ConfigDict, workdir: str) -> str:
     """What every process of a job must agree on: the whole config except per-host speed settings
     (data loader threads/workers, compilation cache), and the workdir."""
-    d = _config_without(config, ("compilation_cache",))
+    d = _config_without(config, _PER_HOST)
     return json.dumps({"config": d, "workdir": workdir}, sort_keys=True)
 
 
@@ -321,11 +378,50 @@ def evaluate_state(ctx: Context, state: train.TrainState, stage: train.Stage,
     return out
 
 
-def run_one(ctx: Context, run: Run) -> dict[str, Any]:
-    """Train (reusing finished shared stages) and evaluate one run; returns its results row."""
+def row_key(base_key: str, run: Run) -> str:
+    """The results.json key of `run`'s row: its last stage's key (the whole chain), and whether the
+    row reports the prompted accuracy (the rest of a `Run` follows from its method and stages)."""
+    key = runner.stage_keys(base_key, run.stages)[-1]
+    if not run.prompt_at_test:
+        return key
+    return hashlib.sha256(f"{key}|prompt_at_test".encode()).hexdigest()[:20]
+
+
+def run_one(ctx: Context, run: Run, *, allow_training: bool = True) -> dict[str, Any]:
+    """Train (reusing finished shared stages) and evaluate one run; returns its results row.
+    `allow_training=False` (mode=finalize): `runner.UnfinishedChain` unless its last stage is
+    finished; then it is only evaluated and its final/ state saved again."""
     fresh = train.create_state(ctx.env.initial, rng=jax.random.PRNGKey(ctx.config.seed))
-    end = runner.run_chain(ctx.env, run, fresh)
+    end = runner.run_chain(ctx.env, run, fresh, allow_training=allow_training)
     return _finish(ctx, run, end)
+
+
+def _final_problem(workdir: str, name: str) -> str | None:
+    """Why WORKDIR/final/<name> cannot serve as the run's final state (missing, unreadable), or None."""
+    path = os.path.join(workdir, "final", name)
+    if not os.path.isdir(path):
+        return f"{path} is missing"
+    try:
+        checkpoint.load_final(path)
+    except CheckpointError as e:
+        return str(e).split("; ")[0]  # without the advice to rerun: this rerun rebuilds it
+    return None
+
+
+def _load_results(ctx: Context) -> dict[str, Any]:
+    """results.json, or none when it is unreadable: process 0 then sets it aside (renamed, never
+    deleted) and the rows are rebuilt from the runs' checkpoints (no training for finished ones)."""
+    try:
+        return report.load_results(ctx.workdir)
+    except CheckpointError as e:
+        path = os.path.join(ctx.workdir, report.RESULTS_FILE)
+        try:
+            aside = report.set_aside_results(ctx.workdir) if ctx.primary else path + ".unreadable-*"
+        except OSError:
+            raise e from None  # it cannot even be renamed: the user has to see to it
+        logging.warning("%s: set aside as %s; its rows are rebuilt from the finished runs' "
+                        "checkpoints", str(e).split("; ")[0], aside)
+        return {"runs": [], "dense": None}
 
 
 def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
@@ -396,25 +492,40 @@ def _run(config: mlc.ConfigDict, workdir: str, writable: bool) -> dict[str, Any]
     ctx.writable = writable
     if config.mode == "eval":
         return evaluate_saved(ctx)
-    results = report.load_results(workdir)
+    finalize = config.mode == "finalize"
+    results = _load_results(ctx)
     for n, run in enumerate(ctx.runs, start=1):
-        key = runner.stage_keys(ctx.env.base_key, run.stages)[-1]
+        key = row_key(ctx.env.base_key, run)
         row = next((r for r in results["runs"] if r["method"] == run.method and
                     r["sparsity"] == run.sparsity and r["seed"] == config.seed), None)
-        if row is not None and row.get("key") == key:
-            logging.info("[%d/%d] %s: done already (results.json)", n, len(ctx.runs), run.name)
-            continue
-        if row is not None:
+        if row is not None and row.get("key") == key and not finalize:
+            problem = _final_problem(workdir, run.name)
+            if problem is None:
+                logging.info("[%d/%d] %s: done already (results.json)", n, len(ctx.runs), run.name)
+                continue
+            logging.warning("[%d/%d] %s is done (results.json) but %s; rebuilding it from the run's "
+                            "checkpoints", n, len(ctx.runs), run.name, problem)
+        elif row is not None and row.get("key") != key and not finalize:
             now = config_fingerprint(config, with_methods=True)
             details = (_differences(ctx.previous, now)
                        or "its method's options, or the vpns_jax version that computed it, differ")
             raise CheckpointError(
                 f"{workdir}/results.json has {run.name} from a different config ({details}); use a "
-                "new --workdir, or the saved config.json's values for that method.")
-        logging.info("[%d/%d] %s on %s, %s (%d stages)", n, len(ctx.runs), run.method,
-                     config.dataset, "dense" if run.sparsity == 0 else f"sparsity {run.sparsity:g}",
-                     len(run.stages))
-        record = {**run_one(ctx, run), "key": key}
+                "new --workdir, the saved config.json's values for that method, or "
+                "--config.mode=finalize to replace the row with this config's when its stages "
+                "are finished in this workdir.")
+        else:
+            logging.info("[%d/%d] %s on %s, %s (%d stages)%s", n, len(ctx.runs), run.method,
+                         config.dataset,
+                         "dense" if run.sparsity == 0 else f"sparsity {run.sparsity:g}",
+                         len(run.stages), ": rebuilding its outputs" if finalize else "")
+        try:
+            record = {**run_one(ctx, run, allow_training=not finalize), "key": key}
+        except runner.UnfinishedChain as e:  # finalize: never trains
+            logging.warning("%s; run with --config.mode=train to finish it", e)
+            if ctx.primary:
+                print(f"{e}; run with --config.mode=train to finish it", flush=True)
+            continue
         report.add_run(results, record)
         results["compiles"] = dict(ctx.env.steps.compiles)
         if ctx.primary:
@@ -450,7 +561,8 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
     names = sorted(os.listdir(final_dir)) if os.path.isdir(final_dir) else []
     if not names:
         raise CheckpointError(f"{final_dir} holds no finished runs to evaluate; train first "
-                              "(--config.mode=train) with this --workdir.")
+                              "(--config.mode=train) with this --workdir, or rebuild them from "
+                              "finished checkpoints with --config.mode=finalize.")
     results = report.load_results(ctx.workdir)
     for name in names:
         tree, meta = checkpoint.load_final(os.path.join(final_dir, name))

@@ -4,6 +4,7 @@ the plot (all written atomically, via `vpns_jax.workdir`)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,12 +38,26 @@ def load_results(workdir: str) -> dict[str, Any]:
     if not os.path.exists(path):
         return {"runs": [], "dense": None}
     fix = ("restore it, or delete it to recompute its rows (finished runs resume from their "
-           "checkpoints in the workdir).")
+           "checkpoints in the workdir; --config.mode=finalize sets it aside and rebuilds it "
+           "without training).")
     results = workdir_lib.read_json(path, fix)
     if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
         raise CheckpointError(f"{path} holds no results (no 'runs' list); {fix}")
     results.setdefault("dense", None)
     return results
+
+
+def set_aside_results(workdir: str) -> str:
+    """Rename an unreadable `results.json` to `results.json.unreadable-<UTC time>` (kept, not
+    deleted); returns the new path."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = f"{path}.unreadable-{stamp}"
+    n = 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.unreadable-{stamp}-{n}", n + 1
+    os.replace(path, aside)
+    return aside
 
 
 def save_results(workdir: str, results: dict[str, Any]) -> str:
