@@ -292,9 +292,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     with pytest.raises(CheckpointError) as err:
         ckpt.wait()
     assert str(err.value) == (
-        f"saving checkpoint 2 in {d} failed: no disk space left (OSError: [Errno 28] No space left "
-        f"on device); checkpoint 1 ({d / '1'}) is kept. Free disk space (or move the workdir to a "
-        "larger disk) and rerun the same command to resume")
+        f"saving checkpoint 2 in {d} failed: the disk is full (No space left on device); "
+        f"checkpoint 1 ({d / '1'}) is kept. Free disk space (or move the workdir to a larger disk) "
+        "and rerun the same command to resume")
     with pytest.raises(CheckpointError, match="saving checkpoint 2 "):
         ckpt.save(3, _make_state(3), META)  # the same error again, not a new save
     ckpt.close()  # reported once already: closes quietly
@@ -411,3 +411,47 @@ def test_restore_one_device_checkpoint_on_eight_devices(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK tune" in proc.stdout
+
+
+def _tmpfs_command(mountpoint, command):
+    """`command` run inside a private mount namespace with a 1 MiB tmpfs on `mountpoint`, or None
+    where this machine allows no such mount (unshare missing, user namespaces disabled)."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mountpoint}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        return None
+    return ["unshare", "-rm", "sh", "-c",
+            f"mount -t tmpfs -o size=1m tmpfs {mountpoint} && exec \"$0\" \"$@\"", *command]
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "simulate"])
+def test_failures_print_one_clear_line_and_no_traceback(tmp_path, disk):
+    """Refused checkpoint, Ctrl-C during restores, disk full during a save (a real 1 MiB tmpfs where
+    the machine allows the mount, else simulated ENOSPC; and simulated), nothing readable: each
+    prints its one clear line and nothing after it (no "Event loop is closed", no traceback)."""
+    full, other = tmp_path / "full", tmp_path / "other"
+    full.mkdir()
+    other.mkdir()
+    worker = os.path.join(os.path.dirname(__file__), "checkpoint_faults_worker.py")
+    command = None
+    if disk == "tmpfs":
+        command = _tmpfs_command(full, [sys.executable, worker, str(full), str(other), "tmpfs"])
+    if command is None:
+        command = [sys.executable, worker, str(full), str(other), "simulate"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    for noise in ("Traceback", "Event loop is closed", "Task was destroyed", "never retrieved"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [line for line in lines if line.startswith("error: ")], proc.stderr[-3000:]
+    refused, interrupted, disk_full, corrupt = lines
+    assert refused.startswith(f"error: checkpoint 2 in {other / 'refused'} was written by a different")
+    assert interrupted == "error: interrupted"
+    assert disk_full == (
+        f"error: saving checkpoint 2 in {full / 'ckpt'} failed: the disk is full (No space left on "
+        f"device); checkpoint 1 ({full / 'ckpt' / '1'}) is kept. Free disk space (or move the "
+        "workdir to a larger disk) and rerun the same command to resume")
+    assert corrupt.startswith(f"error: no checkpoint in {other / 'corrupt'} is readable")

@@ -187,6 +187,12 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
                         task.exception()  # retrieved: no "exception was never retrieved" at exit
         super().close()
 
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        # A Ctrl-C inside `run_until_complete` leaves its task "finished with KeyboardInterrupt,
+        # never retrieved"; the interrupt itself already propagated to the caller.
+        if not isinstance(context.get("exception"), KeyboardInterrupt | SystemExit):
+            super().call_exception_handler(context)
+
 
 class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
@@ -194,15 +200,13 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
 
 class _OrbaxErrorsReraised(std_logging.Filter):
-    """orbax logs a failed background save at ERROR with its traceback before `wait()` re-raises
-    the same exception, which RunCheckpointer turns into one CheckpointError naming the cause: the
-    record is kept at INFO level without the traceback (the CLI shows no library INFO lines)."""
+    """Drops orbax's ERROR records that carry a traceback: orbax logs an exception that way (a
+    failed background save, four times) before `wait_until_finished` re-raises it, and
+    RunCheckpointer turns that into one CheckpointError naming the directory and the cause."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
-            record.levelno, record.levelname = std_logging.INFO, "INFO"
-            record.exc_info = record.exc_text = record.stack_info = None
-        return True
+        return not (record.levelno >= std_logging.ERROR and record.exc_info
+                    and "/orbax/" in record.pathname)
 
 
 _installed = False
@@ -220,19 +224,22 @@ def _install_quiet_failures() -> None:
     std_logging.getLogger("absl").addFilter(_OrbaxErrorsReraised())
 
 
-def _disk_full(err: BaseException) -> bool:
-    """Whether `err` (or its cause) is a full disk or quota: ENOSPC/EDQUOT, or tensorstore's text."""
+_DISK_FULL = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EDQUOT: os.strerror(errno.EDQUOT)}
+
+
+def _disk_full(err: BaseException | None) -> str | None:
+    """'No space left on device' (or the quota's text) when `err` or its cause is a full disk:
+    an OSError with ENOSPC/EDQUOT, or tensorstore's error text that quotes the OS error."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err)
-        if ("No space left on device" in text or "Disk quota exceeded" in text
-                or f"os_error_code='{errno.ENOSPC}'" in text):
-            return True
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return _DISK_FULL[err.errno]
+        for code, text in _DISK_FULL.items():
+            if text in str(err) or f"os_error_code='{code}'" in str(err):
+                return text
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def _all_processes_max(code: int) -> int:
@@ -345,10 +352,11 @@ class RunCheckpointer:
         kept = [s for s in self.all_steps() if s != step]
         previous = (f"checkpoint {kept[-1]} ({self._step_dir(kept[-1])}) is kept" if kept
                     else "no earlier checkpoint of it exists")
-        if _disk_full(err):
-            message = (f"saving checkpoint {step} in {self.directory} failed: no disk space left "
-                       f"({_short(err, 160)}); {previous}. Free disk space (or move the workdir to a "
-                       "larger disk) and rerun the same command to resume")
+        full = _disk_full(err)
+        if full:
+            message = (f"saving checkpoint {step} in {self.directory} failed: the disk is full "
+                       f"({full}); {previous}. Free disk space (or move the workdir to a larger "
+                       "disk) and rerun the same command to resume")
         else:
             message = (f"saving checkpoint {step} in {self.directory} failed ({_short(err)}); "
                        f"{previous}. Check the disk space and permissions of the workdir and rerun "
