@@ -2,6 +2,7 @@
 
 import errno
 import glob
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from vpns_jax.checkpoint import RunCheckpointer, load_final, save_final
 from vpns_jax.errors import CheckpointError
@@ -426,18 +428,15 @@ def _tmpfs_command(mountpoint, command):
             f"mount -t tmpfs -o size=1m tmpfs {mountpoint} && exec \"$0\" \"$@\"", *command]
 
 
-@pytest.mark.parametrize("disk", ["tmpfs", "simulate"])
-def test_failures_print_one_clear_line_and_no_traceback(tmp_path, disk):
+def test_failures_print_one_clear_line_and_no_traceback(tmp_path):
     """Refused checkpoint, Ctrl-C during restores, disk full during a save (a real 1 MiB tmpfs where
-    the machine allows the mount, else simulated ENOSPC; and simulated), nothing readable: each
-    prints its one clear line and nothing after it (no "Event loop is closed", no traceback)."""
+    the machine allows the mount, else simulated ENOSPC), nothing readable: each prints its one
+    clear line and nothing after it (no "Event loop is closed", no orbax traceback)."""
     full, other = tmp_path / "full", tmp_path / "other"
     full.mkdir()
     other.mkdir()
     worker = os.path.join(os.path.dirname(__file__), "checkpoint_faults_worker.py")
-    command = None
-    if disk == "tmpfs":
-        command = _tmpfs_command(full, [sys.executable, worker, str(full), str(other), "tmpfs"])
+    command = _tmpfs_command(full, [sys.executable, worker, str(full), str(other), "tmpfs"])
     if command is None:
         command = [sys.executable, worker, str(full), str(other), "simulate"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
@@ -455,3 +454,57 @@ def test_failures_print_one_clear_line_and_no_traceback(tmp_path, disk):
         f"device); checkpoint 1 ({full / 'ckpt' / '1'}) is kept. Free disk space (or move the "
         "workdir to a larger disk) and rerun the same command to resume")
     assert corrupt.startswith(f"error: no checkpoint in {other / 'corrupt'} is readable")
+
+
+def test_two_processes_agree_on_the_fallback(tmp_path):
+    """Truncated on disk, or unreadable on one process only: both processes restore step 1 and
+    step 2 is set aside once, by process 0 (which logs the warning)."""
+    from multiprocess_worker import free_port
+
+    worker = os.path.join(os.path.dirname(__file__), "checkpoint_multiprocess_worker.py")
+    port, logs, procs = str(free_port()), [tmp_path / f"p{i}.log" for i in range(2)], []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, worker, str(i), port, str(tmp_path)],
+                                          stdout=out, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    outputs = [log.read_text() for log in logs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    for case in ("truncated", "one_process"):
+        d = tmp_path / case
+        (aside,) = glob.glob(str(d / "2.unreadable-*"))
+        for out in outputs:
+            (row,) = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+                      if line.startswith("RESULT ") and f'"case": "{case}"' in line]
+            assert row == {"case": case, "epoch": 1, "w": 1.0, "steps": [1],
+                           "listing": ["1", os.path.basename(aside)]}
+        warning = f"checkpoint 2 in {d} cannot be read ("
+        assert outputs[0].count(warning) == 1 and f"set it aside as {aside}" in outputs[0]
+    assert "another process could not read it" in outputs[0]
+    assert "cannot be read on process 1 (simulated read error on process 1)" in outputs[1]
+
+
+def test_a_checkpoint_that_cannot_be_renamed_stops_the_run(tmp_path, monkeypatch):
+    """Never silently keep an unreadable checkpoint in the step list (a later save of that step
+    would be skipped and the good ones rotated out): one clear error instead."""
+    d = tmp_path / "ckpt"
+    with RunCheckpointer(d) as ckpt:
+        ckpt.save(1, _make_state(1), META)
+        ckpt.save(2, _make_state(2), META)
+    _damage(d / "2", "truncate_data")
+
+    def read_only(self, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(epath.Path(d)), "rename", read_only)
+    with RunCheckpointer(d) as ckpt, pytest.raises(CheckpointError) as err:
+        ckpt.restore(abstract_state=_abstract(_make_state()))
+    assert str(err.value) == (
+        f"checkpoint 2 in {d} cannot be read and cannot be set aside (PermissionError: [Errno 13] "
+        f"Permission denied: '{d / '2'}'); move {d / '2'} out of {d} yourself, or use a new --workdir")

@@ -499,7 +499,7 @@ class RunCheckpointer:
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        failed: list[tuple[int, str]] = []
+        failed: list[tuple[int, str | None]] = []
         for step in reversed(steps):
             result: Any = None
             try:
@@ -519,29 +519,48 @@ class RunCheckpointer:
                     f"another process refused checkpoint {step} in {self.directory} (its log "
                     f"says why); {self._fix(step)}"
                 )
-            failed.append((step, result if code == 1 else "unreadable on another process"))
-        reasons = "; ".join(f"{self._step_dir(s)}: {r}" for s, r in failed)
+            failed.append((step, result if code == 1 else None))
+        reasons = "; ".join(f"{self._step_dir(s)}: {r or 'unreadable on another process'}"
+                            for s, r in failed)
         raise CheckpointError(
             f"no checkpoint in {self.directory} is readable, cannot {what} ({reasons}); they are "
             f"left in place: move {self.directory} aside (or delete it) to recompute this stage "
             "from its start, or use a new --workdir"
         )
 
-    def _set_aside(self, failed: list[tuple[int, str]], used: int) -> None:
-        """Rename each unreadable checkpoint DIR/<step> to DIR/<step>.unreadable-<UTC time>."""
+    def _set_aside(self, failed: list[tuple[int, str | None]], used: int) -> None:
+        """Rename each unreadable checkpoint DIR/<step> to DIR/<step>.unreadable-<UTC time>
+        (process 0 renames; `reason` None: another process could not read it)."""
         if not failed:
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        renamed, problem = [], None
         if jax.process_index() == 0:
-            for step, reason in failed:
+            for step, _ in failed:
                 source, target = self._step_dir(step), f"{self._step_dir(step)}{UNREADABLE}{stamp}"
-                epath.Path(source).rename(target)
+                try:
+                    epath.Path(source).rename(target)
+                except OSError as e:
+                    problem = (f"checkpoint {step} in {self.directory} cannot be read and cannot be "
+                               f"set aside ({_short(e)}); move {source} out of {self.directory} "
+                               "yourself, or use a new --workdir")
+                    break
+                renamed.append(target)
+        # Also the barrier: no process goes on before the renames are done.
+        if _all_processes_max(problem is not None):
+            raise CheckpointError(problem or "process 0 could not set aside an unreadable "
+                                  f"checkpoint in {self.directory} (its log says why)")
+        for (step, reason), target in zip(failed, renamed or [None] * len(failed), strict=True):
+            if target is not None:
                 logging.warning(
                     "checkpoint %d in %s cannot be read (%s); set it aside as %s (rename it back "
                     "to retry it) and using checkpoint %d (%s) instead", step, self.directory,
-                    reason, target, used, self._step_dir(used))
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"set aside {self.directory} {used}")
+                    reason or "another process could not read it, its log says why", target, used,
+                    self._step_dir(used))
+            elif reason is not None:  # processes > 0 log what they could not read
+                logging.warning("checkpoint %d in %s cannot be read on process %d (%s); process 0 "
+                                "sets it aside and every process uses checkpoint %d", step,
+                                self.directory, jax.process_index(), reason, used)
         self._manager.reload()
 
     def wait(self) -> None:
