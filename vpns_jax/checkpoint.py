@@ -20,7 +20,7 @@ fix, and left in place.
 Failures leave no asyncio noise behind: orbax runs each async operation on a fresh event loop and
 closes it as soon as the first of its tasks fails, while tensorstore still completes the others
 onto the closed loop ("Event loop is closed" tracebacks, "Task was destroyed but it is pending").
-`_install_draining_loops` gives orbax loops that finish their pending tasks before closing.
+`_install_quiet_failures` gives orbax loops that finish their pending tasks before closing.
 
 Flat dicts with '/' in their keys (``'layer1_0/conv1/kernel'``) are stored as they are: orbax keys
 leaves by the tuple of path elements, so no key encoding is needed.
@@ -596,6 +596,7 @@ def save_final(directory: str | os.PathLike, tree: PyTree, meta: Mapping[str, An
     `tree` is a plain pytree of arrays (e.g. params, batch_stats, scores, bool masks, prompt, label
     mapping), `meta` a JSON-able dict (arch, options, results). All processes call it together.
     """
+    _install_quiet_failures()
     path = _abs(directory)
     meta = _check_json(meta, "final")
     args = ocp.args.Composite(
@@ -617,6 +618,7 @@ def load_final(directory: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
     Needs no target: shapes and dtypes come from the stored metadata (bool stays bool, int32 stays
     int32); place the arrays on devices with `jax.device_put` as the caller needs.
     """
+    _install_quiet_failures()
     path = _abs(directory)
     fix = f"rerun the job that writes it, or point to another run's {os.path.basename(path)}"
     with ocp.Checkpointer(_final_handler()) as ckptr:
