@@ -522,9 +522,11 @@ def _run(config: mlc.ConfigDict, workdir: str, writable: bool) -> dict[str, Any]
         try:
             record = {**run_one(ctx, run, allow_training=not finalize), "key": key}
         except runner.UnfinishedChain as e:  # finalize: never trains
-            logging.warning("%s; run with --config.mode=train to finish it", e)
+            kept = (" (results.json keeps its row from a different config)"
+                    if row is not None and row.get("key") != key else "")
+            line = f"{e}; run with --config.mode=train to finish it{kept}"
             if ctx.primary:
-                print(f"{e}; run with --config.mode=train to finish it", flush=True)
+                print(line, flush=True)
             continue
         report.add_run(results, record)
         results["compiles"] = dict(ctx.env.steps.compiles)
