@@ -485,10 +485,11 @@ def test_config_json_is_written_only_once_weights_and_data_are_valid(finished, t
 def test_capped_label_mapping_split_does_not_depend_on_eval_batch_size(finished, tmp_path):
     """With steps_per_epoch, label mapping reads steps_per_epoch x batch_size training examples
     (as many as an epoch trains on) whatever eval_batch_size; a criterion's batch is a training
-    batch. Before: steps_per_epoch batches of eval_batch_size (accuracy 37% -> 26%)."""
+    batch. Before: steps_per_epoch batches of eval_batch_size (a 3-step run's 69.6% accuracy
+    became 73.8% with eval_batch_size=16 and 62.7% with 256)."""
     config, _, _ = finished
     c = config.copy_and_resolve_references()
-    c.steps_per_epoch, c.eval_batch_size = 3, 40  # 120 = 3 x 40 examples: not a whole batch
+    c.steps_per_epoch, c.eval_batch_size = 3, 40  # 3 x 64 = 192 examples = 4.8 batches of 40
     ctx = experiment.setup(c, str(tmp_path / "run"))
     batches = list(ctx.env.label_map_batches(1))
     assert [b["image"].shape[0] for b in batches] == [40] * 5  # ceil(3 * 64 / 40)
