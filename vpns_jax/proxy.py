@@ -64,7 +64,7 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
     with checkpoint.RunCheckpointer(training_dir(out_path)) as ckpt:
         latest = ckpt.latest_step()
         if latest is not None:
-            state, meta = ckpt.restore(latest, abstract_state=jax.eval_shape(lambda: state))
+            state, meta = ckpt.restore(abstract_state=jax.eval_shape(lambda: state))
             progress.update(meta)
             loader.check_state(progress["data"])  # DataError: other proxy settings
             logging.info("proxy: resuming %s", runner.position(stage, progress["epoch"],

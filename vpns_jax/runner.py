@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, parallel, prompts, report, sparsity, train
-from vpns_jax.errors import ConfigError
+from vpns_jax import checkpoint, parallel, preemption, prompts, report, sparsity, train
+from vpns_jax.errors import ConfigError, Diverged
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
 from vpns_jax.train import state as train_state
@@ -45,8 +45,8 @@ class StepCache:
     compilation cache) per kind of function.
     """
 
-    def __init__(self, model: Any, prompt_spec: prompts.PromptSpec):
-        self.model, self.prompt_spec = model, prompt_spec
+    def __init__(self, model: Any, prompt_spec: prompts.PromptSpec, *, skip_nonfinite: bool = False):
+        self.model, self.prompt_spec, self.skip_nonfinite = model, prompt_spec, skip_nonfinite
         self._fns: dict[Any, Callable] = {}
         self.compiles: collections.Counter = collections.Counter()
 
@@ -62,7 +62,7 @@ class StepCache:
 
     def train(self, stage: Stage) -> Callable:
         fn = functools.partial(steps.train_step, stage=stage.compute_key(), model=self.model,
-                               prompt_spec=self.prompt_spec)
+                               prompt_spec=self.prompt_spec, skip_nonfinite=self.skip_nonfinite)
         return self._get('train_step', stage, fn, donate_argnums=0)
 
     def eval(self, stage: Stage, *, prompted: bool) -> Callable:
@@ -103,6 +103,7 @@ class Env:
     evaluate: Callable[..., float]
     steps: StepCache
     primary: bool = True
+    stops: preemption.StopRequests = dataclasses.field(default_factory=preemption.NoStops)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -342,8 +343,9 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
             progress['label_map'] = _label_map(progress['label_map'])
             for view, data_state in (progress.get('data') or {}).items():
                 env.loaders[view].check_state(data_state)  # DataError: another dataset/seed/batch
-            logging.info('%s: resuming stage %s at epoch %d, iteration %d', run.name, stage.name,
-                         progress['epoch'] + 1, progress['iteration'])
+            logging.info('%s: resuming stage %s %s', run.name, stage.name,
+                         position(stage, progress['epoch'], progress['iteration'],
+                                   env.steps_per_epoch))
         else:
             started = time.perf_counter()
             logging.info('%s: stage %d/%d %s (%d epochs; %s)', run.name, i + 1, len(run.stages),
@@ -364,6 +366,43 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
         ckpt.close()  # an interrupted run still finishes writing its last checkpoint
 
 
+def position(stage: Stage, epoch: int, iteration: int, steps_per_epoch: int) -> str:
+    """Where a checkpoint of `stage` stands: 'at the start of epoch 2/3', 'in epoch 2/3 after
+    iteration 5/16', or 'after its last epoch (3/3)'."""
+    if epoch >= stage.epochs:
+        return f'after its last epoch ({stage.epochs}/{stage.epochs})'
+    if iteration == 0:
+        return f'at the start of epoch {epoch + 1}/{stage.epochs}'
+    return f'in epoch {epoch + 1}/{stage.epochs} after iteration {iteration}/{steps_per_epoch}'
+
+
+_finite = jax.jit(train.all_finite)
+
+
+def check_finite(state: train.TrainState, stage: Stage, epoch: int, iteration: int) -> None:
+    """`train.NonFinite` if any float leaf of `state` is NaN or inf (checked before every save,
+    so a diverged state is never kept in place of a good one)."""
+    if not bool(_finite(state)):
+        raise train.NonFinite(stage, epoch, iteration, {'parameters or optimizer state': np.nan})
+
+
+def _diverged(run: Run, stage: Stage, err: train.NonFinite, ckpt: checkpoint.RunCheckpointer,
+              spe: int) -> Diverged:
+    latest = ckpt.latest_step()
+    if latest is None:
+        good = 'no checkpoint of this stage was written'
+    else:
+        meta = ckpt.read_meta(latest)
+        good = (f'the last good checkpoint, {ckpt.directory}/{latest} '
+                f'({position(stage, meta["epoch"], meta["iteration"], spe)}), is kept')
+    bad = ', '.join(f'{k} {v}' for k, v in sorted(err.metrics.items()) if not np.isfinite(v))
+    return Diverged(
+        f'{run.name} diverged: {bad} in stage {stage.name} '
+        f'{position(stage, err.epoch, err.iteration, spe)}; {good}. Lower that stage\'s learning '
+        'rate (a rerun with other method options starts the stage anew), or rerun with '
+        '--config.on_nonfinite=skip_batch to drop such batches and resume from that checkpoint.')
+
+
 def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
            ckpt: checkpoint.RunCheckpointer, progress: dict[str, Any],
            seconds_before: float) -> train.TrainState:
@@ -371,6 +410,7 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
     started, stage_before = time.perf_counter(), float(progress['stage_seconds'])
 
     def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any) -> None:
+        check_finite(state, stage, epoch, iteration)
         stage_seconds = stage_before + time.perf_counter() - started
         progress.update(epoch=epoch, iteration=iteration, label_map=_label_map(label_map),
                         stage_seconds=stage_seconds, chain_seconds=seconds_before + stage_seconds,
@@ -391,11 +431,25 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
         hooks.append(lambda end: flm(env, end.state, end.stage, prompted=end.stage.prompt_in_stage,
                                      epoch=end.epoch + 1))
     hooks.append(epoch_hook)
-    state, _ = train.run_stage(
-        stage, state, env.model, {v: env.loaders[v] for v in stage.views},
-        prompt_spec=env.prompt_spec, label_map=progress['label_map'], hooks=hooks,
-        start_epoch=progress['epoch'], start_iteration=progress['iteration'],
-        log_every=config.log_every_steps, put_batch=env.put,
-        step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map),
-        step_hook_every=config.checkpoint_every_steps, step_fn=env.steps.train(stage))
+    def save_now(end: train.StepEnd) -> None:  # a stop request: on disk before the exit
+        save(end.state, end.epoch, end.iteration, end.label_map)
+        ckpt.wait()
+
+    try:
+        state, _ = train.run_stage(
+            stage, state, env.model, {v: env.loaders[v] for v in stage.views},
+            prompt_spec=env.prompt_spec, label_map=progress['label_map'], hooks=hooks,
+            start_epoch=progress['epoch'], start_iteration=progress['iteration'],
+            log_every=config.log_every_steps, put_batch=env.put,
+            step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map),
+            step_hook_every=config.checkpoint_every_steps, step_fn=env.steps.train(stage),
+            stops=env.stops, stop_hook=save_now, on_nonfinite=config.on_nonfinite)
+    except train.NonFinite as e:
+        ckpt.wait()  # the saves in flight hold finite states (checked before each save)
+        raise _diverged(run, stage, e, ckpt, spe) from None
+    except preemption.Stopped as e:
+        where = position(stage, progress['epoch'], progress['iteration'], spe)
+        raise preemption.Stopped(
+            f'{e}: {run.name} saved {ckpt.directory}/{ckpt.latest_step()} (stage {stage.name} '
+            f'{where}); rerun the same command to resume from there') from None
     return state

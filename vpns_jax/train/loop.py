@@ -259,8 +259,15 @@ def _speed(iterations: int, images: int, seconds: float, left: int | None) -> st
     if iterations <= 0 or seconds <= 0:
         return 'speed and eta from the next log line (the first iteration compiled the step)'
     rate = iterations / seconds
-    eta = f' eta {left / rate / 60:.1f} min' if left is not None else ''
+    eta = f' eta {_duration(left / rate)}' if left is not None else ''
     return f'{rate:.2f} it/s {images / seconds:.0f} img/s{eta}'
+
+
+def _duration(seconds: float) -> str:
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 90:
+        return f'{seconds:.0f} s'
+    return f'{seconds / 60:.1f} min' if seconds < 5400 else f'{seconds / 3600:.1f} h'
 
 
 def _stop(stop_hook: Callable[[StepEnd], None] | None, end: StepEnd, reason: str) -> None:
