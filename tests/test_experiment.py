@@ -482,6 +482,27 @@ def test_config_json_is_written_only_once_weights_and_data_are_valid(finished, t
     assert json.load(open(os.path.join(workdir, "config.json")))["weights"] == config.weights
 
 
+def test_config_json_is_written_before_a_proxy_trains(finished, tmp_path, monkeypatch):
+    """A proxy interrupted while it trains resumes only under the config that started it."""
+    from vpns_jax import proxy
+
+    config, _, _ = finished
+    c = config.copy_and_resolve_references()
+    c.weights = str(tmp_path / "proxy.safetensors")  # not there yet: setup trains it
+
+    def interrupted(*args, **kwargs):
+        assert os.path.exists(os.path.join(workdir, "config.json"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proxy, "train_proxy", interrupted)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        experiment.setup(c, workdir)
+    c.proxy.lr *= 2
+    with pytest.raises(CheckpointError, match=r"different config \(proxy\.lr: 0\.05 -> 0\.1\)"):
+        experiment.setup(c, workdir)
+
+
 def test_capped_label_mapping_split_does_not_depend_on_eval_batch_size(finished, tmp_path):
     """With steps_per_epoch, label mapping reads steps_per_epoch x batch_size training examples
     (as many as an epoch trains on) whatever eval_batch_size; a criterion's batch is a training

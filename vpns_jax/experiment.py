@@ -221,17 +221,22 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
     data_dir = config.data_dir or None
     manual_dir = config.manual_dir or None
     path = weights_path(config, workdir)
-    if config.proxy.dataset and not os.path.exists(path):
-        from vpns_jax import proxy
-
-        proxy.train_proxy(config, path, data_dir=data_dir)
-    parallel.barrier("proxy weights")  # process 0 wrote them; the others read them next
-    arch, variables, meta = _load_pretrained(config, path)
+    # Everything that can refuse this config is checked before anything is computed (a proxy) or
+    # config.json is written: the datasets (the proxy's too), the weights, the model and loaders.
+    make_proxy = bool(config.proxy.dataset) and not os.path.exists(path)
+    if make_proxy:  # trained below with config.arch and config.model, on the proxy's classes
+        arch, variables, meta = config.arch, None, None
+        num_source = data.registry.get(config.proxy.dataset).num_classes
+    else:
+        arch, variables, meta = _load_pretrained(config, path)
+        num_source = int(meta["options"]["num_classes"])
+    datasets = [config.dataset] + ([config.proxy.dataset] if make_proxy else [])
     if info.is_primary:  # one process writes the dataset files; the others then find them
-        data.ensure_prepared(config.dataset, data_dir=data_dir, manual_dir=manual_dir)
+        for name in datasets:
+            data.ensure_prepared(name, data_dir=data_dir, manual_dir=manual_dir)
     parallel.barrier("data prepared")
-    data.ensure_prepared(config.dataset, data_dir=data_dir, manual_dir=manual_dir)
-    num_source = int(meta["options"]["num_classes"])
+    for name in datasets:
+        data.ensure_prepared(name, data_dir=data_dir, manual_dir=manual_dir)
     num_target = data.registry.get(config.dataset).num_classes
     num_outputs = num_target if config.label_mapping == "new_head" else num_source
     model = models.create(arch, num_outputs, width=config.model.width,
@@ -263,9 +268,17 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
                                    batch_size=eval_batch, data_dir=data_dir, **shard, **pipe,
                                    on_device=on_device)
     # Weights and data are valid: only now is this config recorded (a run refused above, e.g. for
-    # weights of another arch, leaves no config.json that would refuse the corrected rerun).
+    # weights of another arch, leaves no config.json that would refuse the corrected rerun), and
+    # before a proxy trains (an interrupted proxy resumes only under the same config).
     if writable and config.mode != "eval":
         _write_config(config, workdir, info.is_primary)
+    if make_proxy:
+        from vpns_jax import proxy
+
+        proxy.train_proxy(config, path, data_dir=data_dir)
+    parallel.barrier("proxy weights")  # process 0 wrote them; the others read them next
+    if make_proxy:
+        arch, variables, meta = _load_pretrained(config, path)
     spec = prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
                               output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
                               mask_size=config.prompt.mask_size)
