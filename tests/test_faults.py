@@ -97,99 +97,91 @@ def _signal_self(sig: int = signal.SIGTERM) -> None:
     os.kill(os.getpid(), sig)
 
 
-def _interrupt_then_resume(reference, tmp_path, monkeypatch, arm, sig=signal.SIGTERM,
-                           arm_rerun=None):
-    """`arm(mp, send, counted)` patches the run so that `send()` is called at the chosen moment;
-    the run must stop with `Stopped`, and the rerun (patched by `arm_rerun`, if given) must finish
-    identical to `reference`."""
-    config = reference[0]
-    workdir = str(tmp_path / "run")
+def _stopped(run, sig: int) -> str:
+    with pytest.raises(preemption.Stopped, match=signal.Signals(sig).name) as stopped:
+        run()
+    return str(stopped.value)
+
+
+def test_stops_at_random_points_resume_bit_identical(reference, tmp_path, monkeypatch, caplog):
+    """One workdir, three interruptions in a row, each rerun resuming where the last one saved:
+    1. SIGTERM after a random iteration -> saved after that iteration;
+    2. SIGTERM while a checkpoint is being written (the async write in flight) -> saved after
+       the next iteration;
+    3. SIGINT during the final evaluation -> the run's evaluation and results still finish (every
+       stage is saved; stopping now would only redo the evaluation).
+    Together they redo no iteration, and the end is bit-identical to the uninterrupted run."""
+    config, workdir = reference[0], str(tmp_path / "run")
     counted = _Counted(monkeypatch)
+    at = int(np.random.default_rng(14).integers(1, 2 * STEPS))  # in the first stage
     sent = []
 
-    def send():
-        if not sent:
-            sent.append(counted.n)
+    def send_once(sig: int, key: str) -> None:
+        if key not in sent:
+            sent.append(key)
             _signal_self(sig)
 
+    original_train = runner.StepCache.train  # counted
+
+    def train_fn(cache, stage):
+        fn = original_train(cache, stage)
+
+        def step(*args):
+            out = fn(*args)
+            if counted.n == at:
+                send_once(signal.SIGTERM, "iteration")
+            return out
+        return step
+
     with monkeypatch.context() as mp:
-        arm(mp, send, counted)
-        with pytest.raises(preemption.Stopped, match=signal.Signals(sig).name) as stopped:
-            experiment.run(config, workdir)
-    assert sent, "the signal was never sent"
-    before = counted.n
-    with monkeypatch.context() as mp:
-        if arm_rerun is not None:
-            arm_rerun(mp, counted)
-        results = experiment.run(config, workdir)
-    redone = before + (counted.n - before) - reference[3]
-    assert 0 <= redone <= 1, (before, counted.n)
-    _assert_same(reference, results, workdir)
-    return str(stopped.value), sent[0], before
-
-
-def test_sigterm_mid_epoch_resumes_bit_identical(reference, tmp_path, monkeypatch):
-    at = int(np.random.default_rng(14).integers(1, 4 * STEPS))  # a random iteration
-
-    def arm(mp, send, counted):
-        original = runner.StepCache.train
-
-        def train_fn(cache, stage):
-            fn = original(cache, stage)
-
-            def step(*args):
-                out = fn(*args)
-                if counted.n == at:
-                    send()
-                return out
-            return step
         mp.setattr(runner.StepCache, "train", train_fn)
+        message = _stopped(lambda: experiment.run(config, workdir), signal.SIGTERM)
+    assert counted.n == at, (counted.n, at)  # saved right after the iteration it arrived in
+    assert "rerun the same command to resume" in message and f"after iteration {at}/" in message
 
-    message, sent_at, stopped_after = _interrupt_then_resume(reference, tmp_path, monkeypatch, arm)
-    assert stopped_after == sent_at  # saved after the iteration the signal arrived in
-    assert "rerun the same command to resume" in message and "saved" in message
+    original_save = checkpoint.RunCheckpointer.save
+    first_save = []
 
+    def save(self, step, *args, **kwargs):
+        started = original_save(self, step, *args, **kwargs)
+        if started and first_save:  # not the checkpoint the stop itself writes
+            send_once(signal.SIGTERM, "save")
+        first_save.append(step)
+        return started
 
-def test_sigterm_during_a_save_then_sigint_during_the_evaluation(reference, tmp_path, monkeypatch,
-                                                                   caplog):
-    """SIGTERM while a checkpoint is being written: stop after the next iteration, resume. In the
-    rerun, SIGINT during the final evaluation: the run's evaluation and results still finish (the
-    stage checkpoints are complete; a stop now would only redo the evaluation)."""
-    def arm(mp, send, counted):
-        original = checkpoint.RunCheckpointer.save
-
-        def save(self, step, *args, **kwargs):
-            started = original(self, step, *args, **kwargs)
-            if counted.n >= 6 and started:  # the async write is in flight
-                send()
-            return started
+    with monkeypatch.context() as mp:
         mp.setattr(checkpoint.RunCheckpointer, "save", save)
+        before = counted.n
+        _stopped(lambda: experiment.run(config, workdir), signal.SIGTERM)
+    assert "save" in sent and counted.n > before
 
-    def arm_rerun(mp, counted):
-        original = train.evaluate
-        sent = []
+    original_evaluate = train.evaluate
 
-        def evaluate(*args, **kwargs):
-            if counted.n == 4 * STEPS and not sent:  # the run's final evaluation (once: a second
-                sent.append(True)                    # signal would end the process at once)
-                _signal_self(signal.SIGINT)
-            return original(*args, **kwargs)
+    def evaluate(*args, **kwargs):
+        if counted.n == 4 * STEPS:  # the run's final evaluation
+            send_once(signal.SIGINT, "evaluation")
+        return original_evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
         mp.setattr(train, "evaluate", evaluate)
-
-    _interrupt_then_resume(reference, tmp_path, monkeypatch, arm, arm_rerun=arm_rerun)
+        results = experiment.run(config, workdir)
+    assert sent == ["iteration", "save", "evaluation"]
+    assert counted.n == reference[3]  # no iteration redone
     assert "SIGINT: finishing the current iteration" in caplog.text
     assert "the job is complete" in caplog.text
+    _assert_same(reference, results, workdir)
 
 
 def test_a_diverging_run_stops_and_keeps_a_finite_checkpoint(reference, tmp_path):
     config = reference[0].copy_and_resolve_references()
-    config.vpns.mask_finding.epochs = 1
-    config.vpns.tuning.lr = 1e12  # SGD on the weights: the loss overflows within a few steps
+    config.methods = "dense"
+    config.dense.epochs = 2
+    config.dense.lr = 1e12  # SGD on the weights: the loss overflows within a few steps
     workdir = str(tmp_path / "run")
     with pytest.raises(Diverged) as err:
         experiment.run(config, workdir)
     message = str(err.value)
-    assert "vpns_s0.5 diverged" in message and "in stage tuning" in message
+    assert "dense_s0 diverged" in message and "in stage finetune" in message
     assert "is kept" in message and "on_nonfinite=skip_batch" in message
     kept = message.split("the last good checkpoint, ")[1].split(" ")[0]
     tree = ocp.StandardCheckpointer().restore(os.path.join(kept, "state"))

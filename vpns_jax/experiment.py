@@ -24,7 +24,19 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vpns_jax import checkpoint, data, methods, models, parallel, prompts, report, runner, sparsity, train
+from vpns_jax import (
+    checkpoint,
+    data,
+    methods,
+    models,
+    parallel,
+    preemption,
+    prompts,
+    report,
+    runner,
+    sparsity,
+    train,
+)
 from vpns_jax import config as config_lib
 from vpns_jax import weights as weights_lib
 from vpns_jax import workdir as workdir_lib
@@ -205,9 +217,12 @@ def data_options(config: mlc.ConfigDict) -> dict[str, int]:
     return dataclasses.asdict(options)
 
 
-def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Context:
+def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
+          stops: preemption.StopRequests | None = None) -> Context:
     """Validate, prepare data and weights (training a proxy if configured), build the model and
-    loaders. `writable=False` (mode=eval in a read-only workdir): nothing is written to it."""
+    loaders. `writable=False` (mode=eval in a read-only workdir): nothing is written to it.
+    `stops`: the job's stop requests (signals, config.max_hours); none when not given."""
+    stops = stops if stops is not None else preemption.NoStops()
     config_lib.validate(config, known_archs=models.ARCHS, known_datasets=data.registry.names())
     # uint8 batches at the stored size, augmented inside the jitted steps (small fixed-size sets)
     on_device = bool(config.data.augment_on_device)
@@ -275,7 +290,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
     if make_proxy:
         from vpns_jax import proxy
 
-        proxy.train_proxy(config, path, data_dir=data_dir)
+        proxy.train_proxy(config, path, data_dir=data_dir, stops=stops)
     parallel.barrier("proxy weights")  # process 0 wrote them; the others read them next
     if make_proxy:
         arch, variables, meta = _load_pretrained(config, path)
@@ -308,7 +323,9 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True) -> Contex
                          evaluate=lambda state, stage, label_map: train.evaluate(
                              ctx.env.steps.eval(stage, prompted=False), state, eval_loader,
                              label_map, ctx.put)["accuracy"],
-                         steps=runner.StepCache(model, spec), primary=info.is_primary)
+                         steps=runner.StepCache(
+                             model, spec, skip_nonfinite=config.on_nonfinite == "skip_batch"),
+                         primary=info.is_primary, stops=stops)
     return ctx
 
 
@@ -496,12 +513,15 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     # one run per workdir (process 0 holds the lock for the whole job); eval takes it as well, as it
     # rewrites results.json, except in a read-only workdir, where it writes nothing
     with workdir_lib.claim(workdir, primary=parallel.process_info().is_primary,
-                           read_only_ok=config.mode == "eval") as writable:
-        return _run(config, workdir, writable)
+                           read_only_ok=config.mode == "eval") as writable, \
+            (preemption.StopRequests(config.max_hours) if config.mode == "train"
+             else preemption.NoStops()) as stops:  # eval / finalize only evaluate: stop at once
+        return _run(config, workdir, writable, stops)
 
 
-def _run(config: mlc.ConfigDict, workdir: str, writable: bool) -> dict[str, Any]:
-    ctx = setup(config, workdir, writable)
+def _run(config: mlc.ConfigDict, workdir: str, writable: bool,
+         stops: preemption.StopRequests) -> dict[str, Any]:
+    ctx = setup(config, workdir, writable, stops)
     ctx.writable = writable
     if config.mode == "eval":
         return evaluate_saved(ctx)
@@ -549,6 +569,13 @@ def _run(config: mlc.ConfigDict, workdir: str, writable: bool) -> dict[str, Any]
                      100 * record["accuracy"],
                      "-" if record["accuracy_with_prompt"] is None else
                      f"{100 * record['accuracy_with_prompt']:.2f}%", record["actual_sparsity"])
+        reason = stops.check() if n < len(ctx.runs) else None  # a request during evaluation
+        if reason:
+            raise preemption.Stopped(f"{reason}: {run.name} is finished and in results.json; "
+                                     "rerun the same command to run the rest")
+    if stops.requested:
+        logging.warning("a stop request (%s) arrived during the last run's evaluation; the job "
+                        "is complete", stops.requested)
     logging.info("compiled steps this session: %s", dict(ctx.env.steps.compiles))
     _report(ctx, results)
     return results

@@ -187,6 +187,9 @@ def run() -> None:
     except VpnsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C where nothing is saved on request (eval, set-up)
+        print("interrupted (nothing was being trained; rerun the same command)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
