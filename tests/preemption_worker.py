@@ -7,6 +7,7 @@ per iteration), as the data-parallel steps of a real run do.
 import os
 import signal
 import sys
+import time
 
 import jax
 
@@ -18,8 +19,12 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from vpns_jax import preemption  # noqa: E402
 
+# JAX's preemption service takes a moment (up to seconds) to agree on the step: iterate for up to
+# 60 s, 10 ms per iteration, as a training loop would go on until it is told to stop.
 with preemption.StopRequests() as stops:
-    for n in range(1, 400):
+    deadline, n = time.monotonic() + 60, 0
+    while time.monotonic() < deadline:
+        n += 1
         multihost_utils.process_allgather(jnp.asarray(n))  # lock step, like a collective
         if n == signal_at:
             os.kill(os.getpid(), signal.SIGINT)
@@ -27,6 +32,7 @@ with preemption.StopRequests() as stops:
         if reason:
             print(f"stopped at {n}: {reason}", flush=True)
             break
+        time.sleep(0.01)
     else:
-        print("never stopped", flush=True)
+        print(f"never stopped ({n} iterations)", flush=True)
 jax.distributed.shutdown()

@@ -157,33 +157,6 @@ def test_results_json_and_exact_sparsity(finished):
         ("mask_finding", 1), ("mask_finding", 2), ("tuning", 1), ("tuning", 2)]
 
 
-def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypatch):
-    config, _, results = finished
-    calls = []
-    real_run_stage = experiment.train.run_stage
-
-    def interrupted(stage, *args, **kwargs):
-        calls.append(stage.name)
-        if stage.name == "tuning":
-            raise KeyboardInterrupt  # as if the job were stopped after mask finding
-        return real_run_stage(stage, *args, **kwargs)
-
-    workdir = str(tmp_path / "run")
-    monkeypatch.setattr(experiment.train, "run_stage", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run(config, workdir)
-    assert not os.path.exists(os.path.join(workdir, "results.json"))
-
-    calls.clear()
-    monkeypatch.setattr(experiment.train, "run_stage",
-                        lambda stage, *a, **k: calls.append(stage.name) or real_run_stage(stage, *a, **k))
-    resumed = experiment.run(config, workdir)
-    assert calls == ["tuning"], "mask finding was finished and checkpointed: it must not run again"
-    (a,), (b,) = results["runs"], resumed["runs"]
-    for key in ("accuracy", "accuracy_with_prompt", "actual_sparsity", "gradient_steps"):
-        assert a[key] == b[key], key
-
-
 def _snapshot(workdir: str) -> dict[str, tuple[int, int, int]]:
     return {os.path.join(d, n): (s.st_ino, s.st_size, s.st_mtime_ns)
             for d, _, names in os.walk(workdir) for n in names
