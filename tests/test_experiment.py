@@ -114,11 +114,11 @@ FINISHED_READS: dict[str, set[str]] = {}  # what the `finished` run read of its 
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """(config, workdir, results) of one uninterrupted run; trains the proxy weights on first use.
+def finished(tmp_path_factory, proxy_weights):
+    """(config, workdir, results) of one uninterrupted run from the session's proxy weights.
     Every config field the run reads, and where, is recorded in FINISHED_READS."""
     base = tmp_path_factory.mktemp("e2e")
-    config = small_config(str(base / "proxy.safetensors"))
+    config = small_config(proxy_weights)
     workdir = str(base / "run")
     with ConfigReads(config) as recorder:
         results = experiment.run(config, workdir)

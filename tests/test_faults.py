@@ -69,10 +69,10 @@ def _rows(results: dict) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, proxy_weights):
     """An uninterrupted run: (config, results, final trees, iterations)."""
     base = tmp_path_factory.mktemp("faults")
-    config = _config(str(base / "proxy.safetensors"))
+    config = _config(proxy_weights)
     with pytest.MonkeyPatch.context() as mp:
         counted = _Counted(mp)
         results = experiment.run(config, str(base / "run"))

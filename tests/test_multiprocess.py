@@ -144,11 +144,10 @@ def assert_same_results(rows_a: list[dict], dir_a: str, rows_b: list[dict], dir_
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    base = tmp_path_factory.mktemp("mp")
-    config = small_config(str(base / "proxy.safetensors"))
-    experiment.setup(config, str(base / "setup"))  # trains the proxy weights once, one process
-    return str(base / "proxy.safetensors")
+def weights(proxy_weights, tmp_path_factory):
+    """The session's proxy weights, with the digits dataset prepared (one process)."""
+    experiment.setup(small_config(proxy_weights), str(tmp_path_factory.mktemp("mp") / "setup"))
+    return proxy_weights
 
 
 @pytest.fixture(scope="module")
