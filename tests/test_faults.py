@@ -106,9 +106,9 @@ def _stopped(run, sig: int) -> str:
 def test_stops_at_random_points_resume_bit_identical(reference, tmp_path, monkeypatch, caplog):
     """One workdir, three interruptions in a row, each rerun resuming where the last one saved:
     1. SIGTERM after a random iteration -> saved after that iteration;
-    2. SIGTERM while a checkpoint is being written (the async write in flight) -> saved after
-       the next iteration;
-    3. SIGINT during the final evaluation -> the run's evaluation and results still finish (every
+    2. SIGINT (Ctrl-C) while a checkpoint is being written (the async write in flight) -> saved
+       after the next iteration;
+    3. SIGTERM during the final evaluation -> the run's evaluation and results still finish (every
        stage is saved; stopping now would only redo the evaluation).
     Together they redo no iteration, and the end is bit-identical to the uninterrupted run."""
     config, workdir = reference[0], str(tmp_path / "run")
@@ -145,21 +145,21 @@ def test_stops_at_random_points_resume_bit_identical(reference, tmp_path, monkey
     def save(self, step, *args, **kwargs):
         started = original_save(self, step, *args, **kwargs)
         if started and first_save:  # not the checkpoint the stop itself writes
-            send_once(signal.SIGTERM, "save")
+            send_once(signal.SIGINT, "save")
         first_save.append(step)
         return started
 
     with monkeypatch.context() as mp:
         mp.setattr(checkpoint.RunCheckpointer, "save", save)
         before = counted.n
-        _stopped(lambda: experiment.run(config, workdir), signal.SIGTERM)
+        _stopped(lambda: experiment.run(config, workdir), signal.SIGINT)
     assert "save" in sent and counted.n > before
 
     original_evaluate = train.evaluate
 
     def evaluate(*args, **kwargs):
         if counted.n == 4 * STEPS:  # the run's final evaluation
-            send_once(signal.SIGINT, "evaluation")
+            send_once(signal.SIGTERM, "evaluation")
         return original_evaluate(*args, **kwargs)
 
     with monkeypatch.context() as mp:
@@ -167,7 +167,7 @@ def test_stops_at_random_points_resume_bit_identical(reference, tmp_path, monkey
         results = experiment.run(config, workdir)
     assert sent == ["iteration", "save", "evaluation"]
     assert counted.n == reference[3]  # no iteration redone
-    assert "SIGINT: finishing the current iteration" in caplog.text
+    assert "SIGTERM: finishing the current iteration" in caplog.text
     assert "the job is complete" in caplog.text
     _assert_same(reference, results, workdir)
 
