@@ -125,12 +125,14 @@ def learned_masks(pruned: Mapping[str, jax.Array],
     return dict(sparsity.ste_masks(dict(scores), threshold(pruned, scores)))
 
 
+@jax.jit  # one compiled program instead of ~13 eager ops per layer (radix select, compares)
 def frozen_masks(pruned: Mapping[str, jax.Array],
                  scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Bool masks (no gradient) |s| > tau for the `pruned` counts."""
     return dict(sparsity.hard_masks(dict(scores), threshold(pruned, scores)))
 
 
+@jax.jit
 def zero_pruned(params: Tree, masks: Mapping[str, jax.Array]) -> Tree:
     """params times the flat (bool or float) masks: pruned weights exactly zero."""
     return sparsity.apply_masks(params, masks) if masks else params
