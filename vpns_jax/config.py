@@ -64,6 +64,9 @@ def default_config() -> mlc.ConfigDict:
     c.batch_size = 256  # global batch, split over devices and processes
     c.eval_batch_size = 0  # 0 = batch_size
     c.seed = 7
+    # Several seeds: every run for each of them, one workdir per seed (WORKDIR/seed_<s>/, each a
+    # complete workdir); () = just `seed`. A source model trained here (proxy) is made once, with `seed`.
+    c.seeds = ()
     c.sparsities = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     c.label_mapping = "flm"  # flm (released) | ilm (re-mapped every epoch) | new_head
     c.prompt = mlc.ConfigDict({  # the prompt's geometry; where and how it trains is each method's
@@ -88,6 +91,9 @@ def default_config() -> mlc.ConfigDict:
     })
     c.steps_per_epoch = 0  # 0 = the whole training split; >0 caps iterations per epoch (quick runs)
     c.log_every_steps = 50
+    # Test accuracy every N epochs of each stage (0 = at the end of every stage); the end of the run
+    # is always measured. Recorded in metrics.jsonl and TensorBoard; it never changes training.
+    c.eval_every_epochs = 0
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # >0: also checkpoint every N iterations inside an epoch
     # Wall-time budget in hours (0 = none): when it is spent, the run saves a checkpoint after the
@@ -221,6 +227,11 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
     _positive_int(config, "eval_batch_size", allow_zero=True)
     if not isinstance(config.seed, int):
         _fail("seed", config.seed, "an integer")
+    seeds = config.seeds
+    if (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence)
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        _fail("seeds", seeds, "a tuple of distinct integers, e.g. (0,1,2) (() = just config.seed)")
     validate_sparsities(config.sparsities)
     _one_of(config, "label_mapping", LABEL_MAPPINGS)
     _one_of(config, "prompt.method", PROMPT_METHODS)
@@ -237,6 +248,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
         _fail("prompt.mask_size", config.prompt.mask_size, f"at most prompt.output_size = {out}")
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
+    _positive_int(config, "eval_every_epochs", allow_zero=True)
     _positive_int(config, "distributed_timeout_s")
     _positive_int(config, "checkpoint_every_epochs")
     _positive_int(config, "checkpoint_every_steps", allow_zero=True)

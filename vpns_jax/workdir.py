@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +28,13 @@ from absl import logging
 from vpns_jax.errors import CheckpointError, ConfigError
 
 LOCK_FILE = ".lock"
+
+
+class WorkdirBusy(ConfigError):
+    """The workdir is held by another live run (a sweep worker then tries its next cell)."""
+
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_HELD: set[tuple[str, int]] = set()  # (workdir, thread) claimed by `claim` in this process
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,11 +227,11 @@ class WorkdirLock:
             if not _stale(holder):
                 where = ("" if holder.get("host") == socket.gethostname() else
                          " on another host (this one cannot check it)")
-                raise ConfigError(
+                raise WorkdirBusy(
                     f"{self.workdir} is in use by another run{where} ({_describe(holder)}); wait "
                     f"for it to end or use another --workdir (if that job is gone, delete {self.path}).")
             self._take_over(holder, text)
-        raise ConfigError(f"{self.path} keeps changing (several runs starting on this workdir?); "
+        raise WorkdirBusy(f"{self.path} keeps changing (several runs starting on this workdir?); "
                           "start one run per --workdir.")
 
     def _take_over(self, holder: dict[str, Any], text: str) -> None:
@@ -266,9 +273,11 @@ class WorkdirLock:
 @contextlib.contextmanager
 def claim(workdir: str, *, primary: bool, read_only_ok: bool) -> Iterator[bool]:
     """Hold the workdir's lock for a run (process 0 only: the other processes of the same job share
-    its claim). Yields whether the run may write to the workdir: False only when `read_only_ok`
+    its claim; a nested claim of the same workdir in the same thread shares the outer one).
+    Yields whether the run may write to the workdir: False only when `read_only_ok`
     (mode=eval) and the workdir is not writable; training there raises ConfigError naming it."""
-    if not primary:
+    held = (os.path.realpath(workdir), threading.get_ident())
+    if not primary or held in _HELD:  # a sweep worker claimed the cell, then runs it here
         yield True
         return
     lock = WorkdirLock(workdir)
@@ -287,7 +296,9 @@ def claim(workdir: str, *, primary: bool, read_only_ok: bool) -> Iterator[bool]:
                         workdir)
         yield False
         return
+    _HELD.add(held)
     try:
         yield True
     finally:
+        _HELD.discard(held)
         lock.release()
