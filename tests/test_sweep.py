@@ -92,7 +92,7 @@ def _tiny(weights: str):
     return c
 
 
-def test_bad_sweep_inputs_are_one_line_before_anything_starts(tmp_path):
+def test_bad_sweep_inputs_are_one_line_before_anything_starts(tmp_path, capsys):
     c = _tiny(str(tmp_path / "none.safetensors"))
     cases = [
         (sweep.Sweep(configs={"x": c}, methods=("dense,omq",)),
@@ -110,9 +110,17 @@ def test_bad_sweep_inputs_are_one_line_before_anything_starts(tmp_path):
             sweep.run_sweep(s, str(tmp_path / "d"))
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert "digits" in str(e.value) and not os.path.exists(tmp_path / "d")  # nothing written
-    with pytest.raises(ConfigError, match="sweep file nope.py does not exist; the shipped sweeps "
-                                          "in configs/sweeps/: proxy_methods"):
-        sweep.load_sweep("nope.py")
+    # The command: one `error:` line, exit code 2, nothing written.
+    assert sweep.main(["--sweep", "nope.py", "--dir", str(tmp_path / "d")]) == 2
+    assert sweep.main(["summarize", "--dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: sweep file nope.py does not exist; the shipped sweeps in configs/sweeps/: "
+        "proxy_methods.",
+        f"error: {tmp_path / 'd'} holds no sweep (sweep.json) and no seeds workdir (seeds.json); "
+        "give the --dir of `python -m vpns_jax.sweep --sweep ...` or the --workdir of a run with "
+        "--config.seeds."]
+    assert not os.path.exists(tmp_path / "d")
 
 
 def test_another_grid_in_the_same_directory_is_refused(tmp_path):

@@ -464,6 +464,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; returns the exit code (2: a user error, 75: stopped, resume by rerunning)."""
     args = _parser().parse_args(argv)
+    from vpns_jax import main as main_lib
+
+    logging.use_absl_handler()
+    logging.get_absl_handler().addFilter(main_lib._QuietLibraries())  # orbax's per-save chatter
     logging.set_verbosity(logging.INFO)
     try:
         if args.command == "summarize":
@@ -478,8 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_grid(os.path.abspath(args.dir), plan.grid, plan.cells)
         if args.workers > 1:
             return _spawn(args)
-        from vpns_jax import main as main_lib
-
         main_lib.setup_platform(plan.cells[0].config.compilation_cache, False)
         run_sweep(sweep, args.dir)
         return 0
@@ -513,5 +515,7 @@ def _spawn(args: argparse.Namespace) -> int:
     return max(codes)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module, whose Sweep class the sweep files use
+    from vpns_jax import sweep as _module
+
+    sys.exit(_module.main())
