@@ -153,6 +153,7 @@ def test_results_json_and_exact_sparsity(finished):
     assert layers["total"]["size"] == n and len(layers["layers"]) == 21
     assert os.path.exists(os.path.join(workdir, "accuracy_vs_sparsity.png"))
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [r for r in rows if r.get("kind", "epoch") == "epoch"]  # step and test rows: test_metrics
     assert [(r["stage"], r["epoch"]) for r in rows] == [
         ("mask_finding", 1), ("mask_finding", 2), ("tuning", 1), ("tuning", 2)]
 

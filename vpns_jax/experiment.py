@@ -35,6 +35,7 @@ from vpns_jax import (
     report,
     runner,
     sparsity,
+    tb,
     train,
 )
 from vpns_jax import config as config_lib
@@ -58,6 +59,7 @@ NON_SEMANTIC: dict[str, tuple[str, ...]] = {
     # several seeds run as one workdir per seed (vpns_jax.sweep), each with seeds=() and its seed
     "seeds": (_E + "run", "vpns_jax.sweep.run_seeds", "vpns_jax.sweep.seed_cells"),
     "log_every_steps": (_R + "_train", _P + "_train", _P + "train_proxy"),
+    "eval_every_epochs": (_R + "_train",),  # evaluations only (eval mode, no rng): tests/test_metrics.py
     "checkpoint_every_epochs": (_R + "_train.<locals>.epoch_hook", _P + "_train.<locals>.epoch_hook"),
     "checkpoint_every_steps": (_R + "_train", _P + "_train"),
     "compilation_cache": (_M + "main",),
@@ -327,7 +329,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
                              label_map, ctx.put)["accuracy"],
                          steps=runner.StepCache(
                              model, spec, skip_nonfinite=config.on_nonfinite == "skip_batch"),
-                         primary=info.is_primary, stops=stops)
+                         primary=info.is_primary, stops=stops, eval_loader=eval_loader)
     return ctx
 
 
@@ -424,8 +426,9 @@ def run_one(ctx: Context, run: Run, *, allow_training: bool = True) -> dict[str,
     `allow_training=False` (mode=finalize): `runner.UnfinishedChain` unless its last stage is
     finished; then it is only evaluated and its final/ state saved again."""
     fresh = train.create_state(ctx.env.initial, rng=jax.random.PRNGKey(ctx.config.seed))
-    end = runner.run_chain(ctx.env, run, fresh, allow_training=allow_training)
-    return _finish(ctx, run, end)
+    with tb.RunLogger(ctx.workdir, run.name, primary=ctx.primary) as logger:
+        end = runner.run_chain(ctx.env, run, fresh, allow_training=allow_training, logger=logger)
+        return _finish(ctx, run, end, logger)
 
 
 def _final_problem(workdir: str, name: str) -> str | None:
@@ -456,7 +459,23 @@ def _load_results(ctx: Context) -> dict[str, Any]:
         return {"runs": [], "dense": None}
 
 
-def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
+def _test_record(ctx: Context, run: Run, end: runner.ChainEnd, logger: tb.RunLogger | None,
+                 prompted: bool, accuracy: float) -> float:
+    """Record the run's final test accuracy (global step = the chain's iterations) unless a row
+    for it exists (mode=finalize); returns the maximum over the last stage's test rows
+    (`accuracy_best_on_test`: selected on the test set)."""
+    rows = tb.rows_of(ctx.workdir, "test") if ctx.primary else []
+    if logger is not None and not any(r.get("stage_key") == end.stage_key
+                                      and r.get("step") == end.iterations for r in rows):
+        logger.log("test", end.iterations, {"stage": end.stage.name, "stage_key": end.stage_key,
+                                            "epoch": end.stage.epochs, "prompted": prompted},
+                   {"accuracy": accuracy})
+    final = {"kind": "test", "stage_key": end.stage_key, "accuracy": accuracy}
+    return tb.best_on_test([*rows, final], end.stage_key)
+
+
+def _finish(ctx: Context, run: Run, end: runner.ChainEnd,
+            logger: tb.RunLogger | None = None) -> dict[str, Any]:
     config = ctx.config
     state, last = end.state, end.stage
     started = time.perf_counter()
@@ -468,6 +487,9 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
         unprompted_map = end.start_label_map
     accuracy = evaluate_state(ctx, state, last, end.label_map, has_prompt=has_prompt,
                               label_map_without_prompt=unprompted_map)
+    tested = bool(run.prompt_at_test and accuracy["with_prompt"] is not None)
+    best = _test_record(ctx, run, end, logger, tested,
+                        accuracy["with_prompt"] if tested else accuracy["without_prompt"])
     if end.start_accuracy is not None:  # the pruned network before its prompt trained (§8)
         accuracy["without_prompt"] = end.start_accuracy
     masks = jax.device_get(train.current_masks(state, last))
@@ -502,7 +524,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd) -> dict[str, Any]:
         accuracy_with_prompt=with_prompt, accuracy_without_prompt=without,
         epochs=end.epochs, gradient_steps=end.gradient_steps,
         seconds=end.seconds + time.perf_counter() - started,
-        prompt_at_test=run.prompt_at_test and with_prompt is not None)
+        prompt_at_test=run.prompt_at_test and with_prompt is not None,
+        accuracy_best_on_test=best, images=end.images, compile_seconds=end.compile_seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -594,6 +617,9 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
     table = report.format_table(results["runs"])
     print(f"\nResults ({ctx.arch} on {ctx.config.dataset}, {ctx.workdir}/results.json):\n{table}\n",
           flush=True)
+    cost = report.format_cost_table(results["runs"])
+    where = f", {report.write_cost(ctx.workdir, results['runs'])}" if ctx.writable else ""
+    print(f"Cost (from the runs' records{where}):\n{cost}\n", flush=True)
     if ctx.env is not None and ctx.env.steps.compiles:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ctx.env.steps.compiles.items()))
         print(f"Compiled this session (one per kind of stage, whatever the sparsity): {counts}",

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, parallel, preemption, prompts, report, sparsity, train
+from vpns_jax import checkpoint, parallel, preemption, prompts, sparsity, tb, train
 from vpns_jax.errors import ConfigError, Diverged
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
@@ -104,6 +104,7 @@ class Env:
     steps: StepCache
     primary: bool = True
     stops: preemption.StopRequests = dataclasses.field(default_factory=preemption.NoStops)
+    eval_loader: Any = None  # the test split (config.eval_every_epochs); None: no evaluations
 
     @property
     def steps_per_epoch(self) -> int:
@@ -257,6 +258,10 @@ class ChainEnd:
     seconds: float
     gradient_steps: int
     epochs: list[int]
+    stage_key: str = ''  # the last stage's content key
+    iterations: int = 0  # of the whole chain (the global step of its end)
+    images: int = 0  # training images the chain's passes read (iterations x batch x views)
+    compile_seconds: float | None = None  # sum of the stages' first iterations (None: not recorded)
 
 
 def _meta(progress: dict[str, Any]) -> dict[str, Any]:
@@ -285,13 +290,22 @@ class UnfinishedChain(Exception):
     """`run_chain(..., allow_training=False)` found the run's last stage unfinished (nothing was trained)."""
 
 
+def _plus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
 def run_chain(env: Env, run: Run, fresh: train.TrainState, *,
-              allow_training: bool = True) -> ChainEnd:
+              allow_training: bool = True, logger: tb.RunLogger | None = None) -> ChainEnd:
     """Run `run.stages` from `fresh` (the pretrained state), reusing finished stages. With
-    `allow_training=False` (mode=finalize) only a finished last stage is used: `UnfinishedChain` otherwise."""
+    `allow_training=False` (mode=finalize) only a finished last stage is used: `UnfinishedChain` otherwise.
+    logger: where step / epoch / test metrics go (default: one for `run` in the workdir)."""
+    if logger is None:
+        with tb.RunLogger(env.workdir, run.name, primary=env.primary) as own:
+            return run_chain(env, run, fresh, allow_training=allow_training, logger=own)
     keys = stage_keys(env.base_key, run.stages)
     dirs = [os.path.join(env.workdir, 'stages', k) for k in keys]
     state, label_map, seconds, first = fresh, None, 0.0, 0
+    compile_seconds: float | None = 0.0
     start: dict[str, Any] = {}
     for i in reversed(range(len(run.stages))):
         if not os.path.isdir(dirs[i]):
@@ -308,6 +322,7 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState, *,
         state, label_map = env.replicate(restored), _label_map(meta['label_map'])
         start = meta
         seconds, first = float(meta['chain_seconds']), i + 1
+        compile_seconds = meta.get('chain_compile_seconds')  # None: written before it was recorded
         logging.info('%s: stage %d/%d (%s) is done already (%s), reusing it', run.name, i + 1,
                      len(run.stages), run.stages[i].name, keys[i])
         break
@@ -318,20 +333,26 @@ def run_chain(env: Env, run: Run, fresh: train.TrainState, *,
                               f'({run.stages[first].name}) is not finished')
     for i in range(first, len(run.stages)):
         state, start, seconds = _run_stage(env, run, i, keys[i], dirs[i], state, label_map,
-                                           seconds, fresh)
+                                           seconds, fresh, compile_seconds, logger)
         label_map = _label_map(start['label_map'])
+        compile_seconds = start.get('chain_compile_seconds')
     spe = env.steps_per_epoch
     return ChainEnd(state=state, label_map=label_map,
                     start_label_map=_label_map(start.get('start_label_map')),
                     start_accuracy=start.get('start_accuracy'), stage=run.stages[-1],
                     seconds=seconds,
                     gradient_steps=sum(s.epochs * spe * s.steps_per_iteration for s in run.stages),
-                    epochs=[s.epochs for s in run.stages])
+                    epochs=[s.epochs for s in run.stages], stage_key=keys[-1],
+                    iterations=sum(s.epochs * spe for s in run.stages),
+                    images=sum(s.epochs * spe * env.config.batch_size * len(s.views)
+                               for s in run.stages),
+                    compile_seconds=compile_seconds)
 
 
 def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: train.TrainState,
                label_map: np.ndarray | None, seconds_before: float,
-               fresh: train.TrainState) -> tuple[Any, dict[str, Any], float]:
+               fresh: train.TrainState, compile_before: float | None = 0.0,
+               logger: tb.RunLogger | None = None) -> tuple[Any, dict[str, Any], float]:
     config, stage = env.config, run.stages[i]
     ckpt = checkpoint.RunCheckpointer(directory)
     try:
@@ -355,11 +376,13 @@ def _run_stage(env: Env, run: Run, i: int, key: str, directory: str, state: trai
                         'start_label_map': None if label_map is None else label_map.tolist(),
                         'start_accuracy': (env.evaluate(state, stage, label_map)
                                            if stage.report_start else None),
-                        'stage_seconds': time.perf_counter() - started}
+                        'stage_seconds': time.perf_counter() - started,
+                        'compile_seconds': 0.0, 'chain_compile_seconds': compile_before}
             progress['chain_seconds'] = seconds_before + progress['stage_seconds']
             ckpt.save(0, state, _meta(progress))
         if progress['epoch'] < stage.epochs:
-            state = _train(env, run, stage, state, ckpt, progress, seconds_before)
+            state = _train(env, run, stage, state, ckpt, progress, seconds_before,
+                           index=i, key=key, logger=logger, compile_before=compile_before)
         ckpt.keep_latest_only()  # the stage's end state is all a later run can reuse
         return state, _meta(progress), float(progress['chain_seconds'])
     finally:
@@ -405,26 +428,54 @@ def _diverged(run: Run, stage: Stage, err: train.NonFinite, ckpt: checkpoint.Run
 
 def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
            ckpt: checkpoint.RunCheckpointer, progress: dict[str, Any],
-           seconds_before: float) -> train.TrainState:
+           seconds_before: float, *, index: int | None = None, key: str = '',
+           logger: tb.RunLogger | None = None,
+           compile_before: float | None = 0.0) -> train.TrainState:
     config, spe = env.config, env.steps_per_epoch
     started, stage_before = time.perf_counter(), float(progress['stage_seconds'])
+    stage_compile = progress.get('compile_seconds')  # None: a checkpoint from before it was kept
+    index = run.stages.index(stage) if index is None else index
+    offset = sum(s.epochs * spe for s in run.stages[:index])  # global step before this stage
+    logger = logger or tb.RunLogger(env.workdir, run.name, primary=env.primary)
+    logger.resume(key, offset + progress['epoch'] * spe + progress['iteration'])
+    info = {'stage': stage.name, 'stage_key': key}
+    eval_every, last_stage = config.eval_every_epochs, index == len(run.stages) - 1
 
-    def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any) -> None:
+    def save(state: train.TrainState, epoch: int, iteration: int, label_map: Any,
+             first: float | None = None) -> None:
         check_finite(state, stage, epoch, iteration)
         stage_seconds = stage_before + time.perf_counter() - started
+        compile_seconds = _plus(stage_compile, first or 0.0)
         progress.update(epoch=epoch, iteration=iteration, label_map=_label_map(label_map),
                         stage_seconds=stage_seconds, chain_seconds=seconds_before + stage_seconds,
+                        compile_seconds=compile_seconds,
+                        chain_compile_seconds=_plus(compile_before, compile_seconds),
                         data={v: env.loaders[v].state_at(epoch, iteration) for v in stage.views
                               if hasattr(env.loaders[v], 'state_at')})  # topology-free position
         ckpt.save(epoch * spe + iteration, state, _meta(progress))
 
+    def log_hook(log: train.StepLog) -> None:
+        logger.log('step', offset + log.epoch * spe + log.iteration,
+                   {**info, 'epoch': log.epoch + 1, 'iteration': log.iteration},
+                   tb.step_scalars(log.metrics, log.lr, log.images_per_second))
+
     def epoch_hook(end: train.EpochEnd) -> None:
         epoch = end.epoch + 1
-        if env.primary:
-            report.append_metrics(env.workdir, {'run': run.name, 'stage': stage.name,
-                                                'epoch': epoch, **end.metrics})
+        logger.log('epoch', offset + epoch * spe, {**info, 'epoch': epoch}, end.metrics)
+        if evaluate_now(epoch):
+            prompted, accuracy = measure_test(env, run, stage, end.state, end.label_map,
+                                               progress.get('start_label_map'))
+            logger.log('test', offset + epoch * spe, {**info, 'epoch': epoch, 'prompted': prompted},
+                       {'accuracy': accuracy})
         if epoch % config.checkpoint_every_epochs == 0 or epoch == stage.epochs:
-            save(end.state, epoch, 0, end.label_map)
+            save(end.state, epoch, 0, end.label_map, end.first_iteration_seconds)
+
+    def evaluate_now(epoch: int) -> bool:
+        """Every `eval_every` epochs (0: at the stage's end); never the run's last epoch, whose
+        state the run's own evaluation measures (experiment._finish)."""
+        if env.eval_loader is None or (last_stage and epoch == stage.epochs):
+            return False
+        return epoch % eval_every == 0 if eval_every else epoch == stage.epochs
 
     hooks: list[Callable] = []
     if stage.remap_every_epoch or config.label_mapping == 'ilm':
@@ -432,7 +483,7 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
                                      epoch=end.epoch + 1))
     hooks.append(epoch_hook)
     def save_now(end: train.StepEnd) -> None:  # a stop request: on disk before the exit
-        save(end.state, end.epoch, end.iteration, end.label_map)
+        save(end.state, end.epoch, end.iteration, end.label_map, end.first_iteration_seconds)
         ckpt.wait()
 
     try:
@@ -441,9 +492,11 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
             prompt_spec=env.prompt_spec, label_map=progress['label_map'], hooks=hooks,
             start_epoch=progress['epoch'], start_iteration=progress['iteration'],
             log_every=config.log_every_steps, put_batch=env.put,
-            step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map),
+            step_hook=lambda end: save(end.state, end.epoch, end.iteration, end.label_map,
+                                       end.first_iteration_seconds),
             step_hook_every=config.checkpoint_every_steps, step_fn=env.steps.train(stage),
-            stops=env.stops, stop_hook=save_now, on_nonfinite=config.on_nonfinite)
+            stops=env.stops, stop_hook=save_now, on_nonfinite=config.on_nonfinite,
+            log_hook=log_hook)
     except train.NonFinite as e:
         ckpt.wait()  # the saves in flight hold finite states (checked before each save)
         raise _diverged(run, stage, e, ckpt, spe) from None
@@ -453,3 +506,19 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
             f'{e}: {run.name} saved {ckpt.directory}/{ckpt.latest_step()} (stage {stage.name} '
             f'{where}); rerun the same command to resume from there') from None
     return state
+
+
+def measure_test(env: Env, run: Run, stage: Stage, state: train.TrainState, label_map: Any,
+                  start_label_map: Any = None) -> tuple[bool, float]:
+    """(prompted, test accuracy) of `state` measured as the run's results row reports it: through
+    the prompt when the run reports the prompted accuracy, else without it (with the stage's
+    starting label map when the mapping followed the prompt). Eval mode, no rng: training is
+    not affected."""
+    has_prompt = run.has_prompt and bool(state.prompt)
+    prompted = bool(run.prompt_at_test and has_prompt)
+    if (not prompted and has_prompt and start_label_map is not None
+            and (stage.remap_every_epoch or env.config.label_mapping == 'ilm')):
+        label_map = start_label_map
+    fn = env.steps.eval(stage, prompted=prompted)
+    return prompted, train.evaluate(fn, state, env.eval_loader, _label_map(label_map),
+                                    env.put)['accuracy']

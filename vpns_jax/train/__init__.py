@@ -5,6 +5,7 @@ from vpns_jax.train.loop import (
     NonFinite,
     StageResult,
     StepEnd,
+    StepLog,
     evaluate,
     flm_label_map,
     make_ilm_hook,
@@ -39,7 +40,7 @@ from vpns_jax.train.steps import (
 
 __all__ = [
     'FROZEN', 'PROMPTED_ONLY', 'TWO_PASSES', 'UNPROMPTED', 'EpochEnd', 'EpochHook',
-    'GroupOptimizer', 'NonFinite', 'Pass', 'Stage', 'StageResult', 'StepEnd', 'TrainState', 'adam',
+    'GroupOptimizer', 'NonFinite', 'Pass', 'Stage', 'StageResult', 'StepEnd', 'StepLog', 'TrainState', 'adam',
     'all_finite', 'begin_stage',
     'create_state', 'current_masks', 'eval_step', 'evaluate', 'flm_label_map', 'lr_factor',
     'lr_factors', 'make_eval_step', 'make_ilm_hook', 'resume_position',

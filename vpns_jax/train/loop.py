@@ -33,6 +33,7 @@ class EpochEnd:
     state: TrainState
     label_map: jax.Array | None
     metrics: dict[str, float]
+    first_iteration_seconds: float | None = None  # this call's first iteration (compile), if run
 
 
 # A hook may return a new label map (ILM re-mapping), used from the next epoch on; None keeps it.
@@ -49,6 +50,23 @@ class StepEnd:
     iteration: int
     state: TrainState
     label_map: jax.Array | None
+    first_iteration_seconds: float | None = None  # this call's first iteration (compile), if run
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLog:
+    """What a log hook sees at each progress log line (every `log_every` iterations): `iteration`
+    = iterations of `epoch` (0-based) done; `metrics` = that iteration's (host floats, fetched for
+    the log line anyway); `lr` = the learning rate of each trained group this epoch;
+    `images_per_second` over the iterations since the previous log line (None right after the
+    compiling first iteration)."""
+
+    stage: Stage
+    epoch: int
+    iteration: int
+    metrics: dict[str, float]
+    lr: dict[str, float]
+    images_per_second: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +157,7 @@ def run_stage(
     stops: Any = None,
     stop_hook: Callable[[StepEnd], None] | None = None,
     on_nonfinite: str = 'stop',
+    log_hook: Callable[[StepLog], None] | None = None,
 ) -> tuple[TrainState, StageResult]:
     """Run `stage` from (start_epoch, start_iteration) to its last epoch.
 
@@ -158,6 +177,7 @@ def run_stage(
     on_nonfinite: 'stop' raises `NonFinite` at the first non-finite metric (checked one iteration
     late, so the host does not wait for the device); 'skip_batch' expects a step_fn built with
     `skip_nonfinite=True` and raises only when every iteration of an epoch was skipped.
+    log_hook: gets a `StepLog` at every progress log line (step-level metrics; no extra syncs).
     Returns the final state and the stage's bookkeeping.
     """
     missing = [v for v in stage.views if v not in loaders]
@@ -200,7 +220,7 @@ def run_stage(
                 mark, mark_images, mark_iterations = time.perf_counter(), images, iterations
             if (step_hook is not None and step_hook_every and (i + 1) % step_hook_every == 0
                     and (i + 1) != steps_per_epoch):
-                step_hook(StepEnd(stage, epoch, i + 1, state, label_map))
+                step_hook(StepEnd(stage, epoch, i + 1, state, label_map, first_iteration_seconds))
             if log_every and (i + 1) % log_every == 0:
                 last = jax.device_get(step_metrics)
                 now = time.perf_counter()
@@ -209,12 +229,20 @@ def run_stage(
                              ' '.join(f'{k} {float(v):.4f}' for k, v in sorted(last.items())),
                              _speed(iterations - mark_iterations, images - mark_images,
                                     now - mark, _left(stage, epoch, i + 1, steps_per_epoch)))
+                if log_hook is not None:
+                    seconds = now - mark
+                    log_hook(StepLog(
+                        stage, epoch, i + 1, {k: float(v) for k, v in last.items()},
+                        {g: float(f) for g, f in factors.items() if stage.group(g).trainable},
+                        (images - mark_images) / seconds
+                        if iterations > mark_iterations and seconds > 0 else None))
                 mark, mark_images, mark_iterations = now, images, iterations
             reason = stops.check() if stops is not None else None
             if reason and (i + 1) != steps_per_epoch:
                 if guard:
                     _check_finite(step_metrics, stage, epoch, i + 1)
-                _stop(stop_hook, StepEnd(stage, epoch, i + 1, state, label_map), reason)
+                _stop(stop_hook, StepEnd(stage, epoch, i + 1, state, label_map,
+                                         first_iteration_seconds), reason)
             if reason:
                 stopping = reason
                 break
@@ -230,11 +258,12 @@ def run_stage(
         logging.info('%s epoch %d/%d done: %s', stage.name, epoch + 1, stage.epochs,
                      ' '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
         for hook in hooks:
-            new_map = hook(EpochEnd(stage, epoch, state, label_map, metrics))
+            new_map = hook(EpochEnd(stage, epoch, state, label_map, metrics, first_iteration_seconds))
             if new_map is not None:
                 label_map = new_map
         if stopping:
-            _stop(stop_hook, StepEnd(stage, epoch + 1, 0, state, label_map), stopping)
+            _stop(stop_hook, StepEnd(stage, epoch + 1, 0, state, label_map,
+                                     first_iteration_seconds), stopping)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - started
     return state, StageResult(
