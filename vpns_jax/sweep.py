@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -504,6 +505,10 @@ def _spawn(args: argparse.Namespace) -> int:
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(1.0)  # stagger the starts (each claims the next free cell)
     print(f"{args.workers} workers running; logs in {logs}/", flush=True)
+    # SIGTERM (a scheduler) goes to every worker: each saves and stops (exit 75); Ctrl-C reaches
+    # them from the terminal's process group, so this process only waits for them.
+    signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p, _ in procs])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     codes = []
     for proc, log in procs:
         codes.append(proc.wait())

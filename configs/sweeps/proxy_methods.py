@@ -10,12 +10,14 @@ The base config is configs/proxy_compare.py (its epochs and learning rates: a ba
 sparsities). The Fashion-MNIST proxy source model is trained once (seed 7, the config's) and shared
 by every cell. Methods that share stages are one cell (one workdir), so the dense fine-tune is
 computed once per seed for dense, OMP, LTH and VPNs w. Random/OMP/LTH, and HYDRA's mask finding is
-reused by the post-pruning prompt. 8 cells per seed, 24 in all. The cost measured for one cell and
-the estimate for the whole sweep are in the docstring's last paragraph.
+reused by the post-pruning prompt. 8 cells per seed, 24 in all.
 
-Cost (2-core CPU machine, 2026-12-01, compilation cache warm): the `random` cell (2 runs) took
-RANDOM_CELL_S s; the proxy_compare config (35 runs at two sparsities, one seed) takes about 9 min,
-so the sweep takes about 3 x 9 = 27 min plus about 1 min for the source model, on one worker.
+Cost (measured 2026-12-01 on the project's 2-core CPU machine, shared with other jobs, compilation
+cache warm): the source model 56 s; the largest cell, `dense+omp+lth+vpns_with` (13 rows: dense,
+OMP x 2, LTH x 3, VPNs w. Random/OMP x 2, VPNs w. LTH x 3), 5 min 21 s. configs/proxy_compare.py runs
+the same methods for one seed in about 9 min; split into 8 cells (each with its own set-up and
+tracing, ~15 s, and the dense fine-tune once more for the pilot) a seed is about 11-12 min, so the
+whole sweep is about 35-40 min on one worker (two workers on 2 cores gain little: each uses both).
 """
 
 from vpns_jax.sweep import Sweep
