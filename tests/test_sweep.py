@@ -88,7 +88,6 @@ def _tiny(weights: str):
     c.steps_per_epoch = 2
     config_lib.set_epochs(c, lambda e: 1)
     c.plots = False
-    c.eval_batch_size = 128
     return c
 
 
