@@ -293,12 +293,15 @@ def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tm
     import logging
 
     from jax import tree_util
+    from tensorboard.backend.event_processing import event_accumulator
 
+    from vpns_jax import tb
     from vpns_jax.checkpoint import load_final
 
     config, finished_workdir, results = finished
     config = config.copy_and_resolve_references()
     config.checkpoint_every_steps = 7  # not a semantic field: results must equal the plain run's
+    config.log_every_steps = 5  # step rows at iterations 5, 10, ...: 10 is logged again on resume
     real_run_stage = experiment.train.run_stage
     starts = []
 
@@ -333,6 +336,13 @@ def test_run_interrupted_mid_epoch_resumes_from_the_step_checkpoint(finished, tm
     with caplog.at_level(logging.WARNING):
         resumed = experiment.run(config, workdir)
     assert starts == [("mask_finding", 0, 7), ("tuning", 0, 0)]
+    # The resumed session repeats iterations 8-14: each global step is kept once (metrics.jsonl
+    # rows after the resume point dropped, TensorBoard's purge of later events).
+    want = [22 * epoch + i for epoch in range(4) for i in (5, 10, 15, 20)]
+    assert [r["step"] for r in tb.rows_of(workdir, "step", "vpns_s0.5")] == want
+    events = event_accumulator.EventAccumulator(tb.event_dir(workdir, "vpns_s0.5"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/pass0/loss")] == want
     (aside,) = glob.glob(os.path.join(stage_dir, "14.unreadable-*"))
     assert len(glob.glob(os.path.join(aside, "state", "**", "d", "*"), recursive=True)) == len(
         data_files)  # set aside, not deleted

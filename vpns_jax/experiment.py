@@ -516,6 +516,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd,
                            "prompt": dataclasses.asdict(ctx.prompt_spec), "has_prompt": has_prompt,
                            "prompt_at_test": run.prompt_at_test,
                            "without_prompt_at_start": end.start_accuracy is not None})
+    # process 0 read the test rows back and timed the compiles: every process reports its numbers
+    best, compile_seconds = parallel.from_process_0([best, end.compile_seconds])
     with_prompt, without = accuracy["with_prompt"], accuracy["without_prompt"]
     chosen = with_prompt if (run.prompt_at_test and with_prompt is not None) else without
     return report.run_record(
@@ -525,7 +527,7 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd,
         epochs=end.epochs, gradient_steps=end.gradient_steps,
         seconds=end.seconds + time.perf_counter() - started,
         prompt_at_test=run.prompt_at_test and with_prompt is not None,
-        accuracy_best_on_test=best, images=end.images, compile_seconds=end.compile_seconds)
+        accuracy_best_on_test=best, images=end.images, compile_seconds=compile_seconds)
 
 
 # ----------------------------------------------------------------------------------------------------

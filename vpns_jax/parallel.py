@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -254,6 +254,17 @@ def check_same_on_all_processes(what: str, text: str) -> None:
             f"the processes of this job disagree on {what}: process(es) {differ} differ from "
             "process 0. Start every process with the same command (--config, --config.* flags, "
             "--workdir) and the same files.")
+
+
+def from_process_0(values: Sequence[float | None]) -> list[float | None]:
+    """Process 0's `values` on every process, exactly (float64 bits sent as uint32 pairs; None
+    as NaN): for numbers only process 0 knows (wall times, rows it read back). No-op with one
+    process; call it on every process."""
+    if jax.process_count() == 1:
+        return list(values)
+    f64 = np.asarray([np.nan if v is None else v for v in values], np.float64)
+    bits = np.asarray(multihost_utils.broadcast_one_to_all(f64.view(np.uint32)), np.uint32)
+    return [None if np.isnan(v) else float(v) for v in bits.view(np.float64)]
 
 
 def barrier(name: str) -> None:
