@@ -143,7 +143,7 @@ def test_cost_fields_and_cost_md(runs):
     assert f"| digits | resnet18 | vpns | 0.5 | 1 | 2+2 = 4 | {row['gradient_steps']:,} " in text
 
 
-def test_cost_table_on_hand_made_records():
+def test_cost_table_on_hand_made_records(tmp_path):
     def row(method, sparsity, seed, seconds, compile_seconds, **kw):
         return {"method": method, "sparsity": sparsity, "seed": seed, "dataset": "digits",
                 "arch": "resnet18", "epochs": [3, 2], "gradient_steps": 400, "images": 12800,
@@ -159,6 +159,13 @@ def test_cost_table_on_hand_made_records():
     assert lines[2] == "| digits | resnet18 | dense | 0 | 1 | 4 = 4 | 100 | 3,200 | 5.0 | 1.0 |"
     assert lines[3] == "| digits | resnet18 | omp | 0.9 | 1 | 3+2 = 5 | 400 | 12,800 | 7.0 | - |"
     assert lines[4] == "| digits | resnet18 | vpns | 0.9 | 2 | 3+2 = 5 | 400 | 12,800 | 12.0 | 3.0 |"
+    # over several workdirs (a sweep's seeds): the same table from their results.json files
+    dirs = []
+    for n, part in enumerate((runs[:1], runs[1:])):
+        dirs.append(str(tmp_path / f"seed_{n}"))
+        os.makedirs(dirs[-1])
+        report.save_results(dirs[-1], {"runs": part, "dense": None})
+    assert report.cost_table_for(dirs) == report.format_cost_table(runs)
 
 
 def test_resumed_logger_drops_later_steps_in_jsonl_and_tensorboard(tmp_path):
