@@ -54,6 +54,7 @@ def small_config(weights: str) -> object:
     c.vpns.mask_finding.update(epochs=2, lr=1e-2, prompt_lr=1e-2)
     c.vpns.tuning.update(epochs=2, lr=0.05, prompt_lr=0.05)
     c.log_every_steps = 1000
+    c.eval_every_epochs = -1  # test accuracy only at the end (tests/test_metrics.py tests the others)
     c.plots = True
     return c
 
@@ -542,3 +543,13 @@ def test_fields_left_out_of_the_resume_check_are_read_only_by_speed_and_logging_
     for field in ("batch_size", "seed", "dataset", "label_mapping", "input_size", "prompt.pad_size",
                   "steps_per_epoch", "eval_batch_size", "log_every_steps"):
         assert field in FINISHED_READS, field  # the recording sees the run's reads
+
+
+def test_eval_every_epochs_minus_one_measures_only_the_end(finished):
+    """small_config sets eval_every_epochs=-1: the one test row is the run's own final evaluation."""
+    from vpns_jax import tb
+
+    _, workdir, results = finished
+    rows = tb.rows_of(workdir, "test")
+    assert [r["stage"] for r in rows] == ["tuning"]
+    assert rows[0]["accuracy"] == results["runs"][0]["accuracy"]

@@ -50,7 +50,7 @@ def runs(tmp_path_factory, proxy_weights):
 
     with mock.patch.object(experiment.runner, "StepCache", shared):
         for name, overrides in (("every", {"eval_every_epochs": 1, "log_every_steps": 1}),
-                                ("default", {})):
+                                ("default", {"eval_every_epochs": 0})):
             config = _config(proxy_weights, checkpoint_every_epochs=2, **overrides)
             workdir = str(base / name)
             out[name] = config, workdir, experiment.run(config, workdir)

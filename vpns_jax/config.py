@@ -91,8 +91,9 @@ def default_config() -> mlc.ConfigDict:
     })
     c.steps_per_epoch = 0  # 0 = the whole training split; >0 caps iterations per epoch (quick runs)
     c.log_every_steps = 50
-    # Test accuracy every N epochs of each stage (0 = at the end of every stage); the end of the run
-    # is always measured. Recorded in metrics.jsonl and TensorBoard; it never changes training.
+    # Test accuracy every N epochs of each stage (0 = at the end of every stage; -1 = only at the end
+    # of the run, which is always measured). Recorded in metrics.jsonl and TensorBoard; it never
+    # changes training.
     c.eval_every_epochs = 0
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # >0: also checkpoint every N iterations inside an epoch
@@ -248,7 +249,8 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
         _fail("prompt.mask_size", config.prompt.mask_size, f"at most prompt.output_size = {out}")
     _positive_int(config, "steps_per_epoch", allow_zero=True)
     _positive_int(config, "log_every_steps")
-    _positive_int(config, "eval_every_epochs", allow_zero=True)
+    if config.eval_every_epochs != -1:
+        _positive_int(config, "eval_every_epochs", allow_zero=True)
     _positive_int(config, "distributed_timeout_s")
     _positive_int(config, "checkpoint_every_epochs")
     _positive_int(config, "checkpoint_every_steps", allow_zero=True)

@@ -471,9 +471,9 @@ def _train(env: Env, run: Run, stage: Stage, state: train.TrainState,
             save(end.state, epoch, 0, end.label_map, end.first_iteration_seconds)
 
     def evaluate_now(epoch: int) -> bool:
-        """Every `eval_every` epochs (0: at the stage's end); never the run's last epoch, whose
-        state the run's own evaluation measures (experiment._finish)."""
-        if env.eval_loader is None or (last_stage and epoch == stage.epochs):
+        """Every `eval_every` epochs (0: at the stage's end; -1: never); never the run's last
+        epoch, whose state the run's own evaluation measures (experiment._finish)."""
+        if env.eval_loader is None or eval_every < 0 or (last_stage and epoch == stage.epochs):
             return False
         return epoch % eval_every == 0 if eval_every else epoch == stage.epochs
 
