@@ -47,14 +47,9 @@ def scaled_score_init(
     """
     flat = flatten_params(params)
     paths = prunable_paths(params) if paths is None else paths
-    return _scaled_init({path: flat[path] for path in paths})
-
-
-@jax.jit  # one compiled program for all layers (not four eager ops per layer)
-def _scaled_init(kernels: dict[str, jax.Array]) -> dict[str, jax.Array]:
     scores = {}
-    for path, w in kernels.items():
-        w = jnp.asarray(w, jnp.float32)
+    for path in paths:  # eagerly: jitted, XLA reorders c * w / peak and the last bits move (not torch's)
+        w = jnp.asarray(flat[path], jnp.float32)
         peak = jnp.max(jnp.abs(w))
         peak = jnp.where(peak > 0, peak, 1.0)
         scores[path] = math.sqrt(6.0 / fan_in(w.shape)) * w / peak
