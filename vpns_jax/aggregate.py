@@ -1,7 +1,7 @@
 """Mean ± std over seeds of a sweep's (or a seeds workdir's) results rows: `summary.json`, `summary.md`.
 
 Rows are grouped by (config, dataset, arch, method, sparsity); each group gets, for the reported
-accuracy, the accuracy with the prompt and the actual sparsity, the mean, the sample standard
+accuracy, the accuracy with and without the prompt and the actual sparsity, the mean, the sample standard
 deviation (n − 1 in the denominator; None for n = 1), n, and the per-seed values (so a figure can
 be drawn from `summary.json` alone). A row that two cells computed identically (e.g. `dense` in two
 method groups) counts once. What the grid expects but no cell has produced yet is listed as missing.
@@ -21,7 +21,7 @@ from vpns_jax import workdir as workdir_lib
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-METRICS = ("accuracy", "accuracy_with_prompt", "actual_sparsity")
+METRICS = ("accuracy", "accuracy_with_prompt", "accuracy_without_prompt", "actual_sparsity")
 GROUP_KEY = ("config", "dataset", "arch", "method", "sparsity")
 
 
