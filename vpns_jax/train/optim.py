@@ -36,6 +36,8 @@ def group_transform(opt: GroupOptimizer) -> optax.GradientTransformation:
     if not opt.trainable:
         return optax.set_to_zero()
     parts = []
+    if opt.clip:  # torch.nn.utils.clip_grad_value_ before optimizer.step(): before the L2 term
+        parts.append(optax.clip(opt.clip))
     if opt.weight_decay:
         parts.append(optax.add_decayed_weights(opt.weight_decay))
     if opt.kind == 'adam':

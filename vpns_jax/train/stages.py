@@ -14,9 +14,24 @@ from vpns_jax.errors import ConfigError
 GROUPS = ('params', 'scores', 'prompt')
 OPTIMIZER_KINDS = ('adam', 'sgd', 'frozen')
 SCHEDULES = ('cosine', 'multistep', 'constant')
-MASK_MODES = ('learned', 'fixed', 'none')
+MASK_MODES = ('learned', 'fixed', 'none', 'channel')
 THRESHOLD_SCOPES = ('global', 'layer')
 VIEWS = ('prompt', 'train', 'train_b')
+
+
+def _repr_skipping_defaults(obj, later: tuple[str, ...]) -> str:
+    """The dataclass repr, without the fields in `later` that hold their default value.
+
+    Stage keys (`runner.stage_keys`) hash stage reprs; fields added after workdirs were made
+    (`later`) appear only when set, so the keys of every existing stage, and the resume of every
+    existing workdir, stay the same.
+    """
+    parts = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.repr and not (f.name in later and value == f.default):
+            parts.append(f'{f.name}={value!r}')
+    return f'{type(obj).__qualname__}({", ".join(parts)})'
 
 
 def _check(value, allowed, field: str) -> None:
@@ -34,7 +49,9 @@ class GroupOptimizer:
     SGD). weight_decay: L2 coefficient added to the gradient before the optimizer (grad += wd * p).
     schedule: 'cosine' (CosineAnnealingLR, T_max = stage epochs, eta_min 0), 'multistep' (x0.1 at
     50% and 72% of the epochs) or 'constant'. b1, b2, eps: Adam's betas and epsilon (PyTorch
-    defaults).
+    defaults). clip: > 0 clips every gradient entry to [-clip, clip] before the step
+    (torch.nn.utils.clip_grad_value_ before optimizer.step(), so before the L2 term; the
+    structured research script's score optimizer uses 0.25, reference §6); 0 = no clipping.
     """
 
     kind: str = 'frozen'
@@ -45,8 +62,14 @@ class GroupOptimizer:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    clip: float = 0.0
+
+    def __repr__(self) -> str:
+        return _repr_skipping_defaults(self, ('clip',))
 
     def __post_init__(self):
+        if not self.clip >= 0:
+            raise ConfigError(f'gradient value clip must be >= 0 (0 = none), got {self.clip}.')
         _check(self.kind, OPTIMIZER_KINDS, 'optimizer kind')
         _check(self.schedule, SCHEDULES, 'schedule')
         if self.kind != 'frozen' and not self.lr > 0:
@@ -74,14 +97,15 @@ def sgd(lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
 
 
 def make_group_optimizer(kind: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0,
-                         schedule: str = 'cosine') -> GroupOptimizer:
-    """A group optimizer from a config-style kind name ('adam' | 'sgd' | 'frozen')."""
+                         schedule: str = 'cosine', clip: float = 0.0) -> GroupOptimizer:
+    """A group optimizer from a config-style kind name ('adam' | 'sgd' | 'frozen'); `clip`: the
+    gradient value clip (0 = none)."""
     _check(kind, OPTIMIZER_KINDS, 'optimizer kind')
     if kind == 'frozen':
         return FROZEN
-    if kind == 'adam':
-        return adam(lr, weight_decay, schedule)
-    return sgd(lr, momentum, weight_decay, schedule)
+    opt = adam(lr, weight_decay, schedule) if kind == 'adam' else sgd(lr, momentum, weight_decay,
+                                                                        schedule)
+    return dataclasses.replace(opt, clip=clip) if clip else opt
 
 
 PASS_RULES = ('step', 'collect', 'bilevel')
@@ -152,11 +176,16 @@ class Stage:
 
     mask_mode: 'learned' (masks = ste_masks(scores, tau) in the forward; tau recomputed from the
     scores before every pass, i.e. after every score step), 'fixed' (hard mask made once at the
-    stage start and kept in the state; pruned weights are zeroed and receive no update) or 'none'
-    (dense). density: fraction of prunable weights kept (1 - sparsity); used by 'learned' and to
-    derive a 'fixed' mask from scores; it is not part of the compiled step (`compute_key`): the
-    number of pruned scores travels in the state as a traced value, so stages that differ only in
-    density share one compiled step. threshold_scope: 'global' (one tau over all scores, VPNs) or
+    stage start and kept in the state; pruned weights are zeroed and receive no update), 'none'
+    (dense) or 'channel' (structured mask finding: the scores are one f32[C] per channel group of
+    `vpns_jax.structured`; the forward masks the parameters with
+    `expand(channel_ste_masks(scores, density, channel_cap))`, the channel threshold recomputed
+    before every pass; the next stage freezes them with `plan.ChannelMaskFrom`).
+    density: fraction of prunable weights kept (1 - sparsity; in a 'channel' stage the fraction of
+    channels kept); used by 'learned' and to derive a 'fixed' mask from scores; it is not part of
+    the compiled step (`compute_key`, except in a 'channel' stage): the number of pruned scores
+    travels in the state as a traced value, so stages that differ only in density share one
+    compiled step. threshold_scope: 'global' (one tau over all scores, VPNs) or
     'layer' (original HYDRA).
     start: what happens when the stage begins, before its optimizer state is made (the method
     layer's actions: make a mask from a criterion, rewind to the pretrained weights, label mapping,
@@ -165,6 +194,11 @@ class Stage:
     study's prompt training).
     report_start: the run's accuracy without the prompt is measured when this stage begins (the
     pilot study: the pruned network before its prompt is trained).
+    channel_cap: 'channel' stages: the most channel sparsity a capped group (the stem and layer1
+    for ResNet) may get (reference §6: 0.25).
+    bn_l1: > 0 adds bn_l1 * sign(gamma) to the gradient of every BatchNorm scale before the step
+    (Network Slimming's sparsity term lambda * |gamma|, as its code and Torch-Pruning's
+    BNScalePruner.regularize do); 0 = none.
     """
 
     name: str
@@ -179,9 +213,19 @@ class Stage:
     start: tuple = ()
     remap_every_epoch: bool = False
     report_start: bool = False
+    channel_cap: float = 0.25
+    bn_l1: float = 0.0
+
+    def __repr__(self) -> str:
+        return _repr_skipping_defaults(self, ('channel_cap', 'bn_l1'))
 
     def __post_init__(self):
         _check(self.mask_mode, MASK_MODES, 'mask_mode')
+        if not 0 < self.channel_cap <= 1:
+            raise ConfigError(f'stage {self.name!r}: channel_cap must be in (0, 1], got '
+                              f'{self.channel_cap}.')
+        if not self.bn_l1 >= 0:
+            raise ConfigError(f'stage {self.name!r}: bn_l1 must be >= 0, got {self.bn_l1}.')
         _check(self.threshold_scope, THRESHOLD_SCOPES, 'threshold_scope')
         if self.epochs < 0:
             raise ConfigError(f'stage {self.name!r}: epochs must be >= 0, got {self.epochs}.')
@@ -190,9 +234,10 @@ class Stage:
         if not 0 < self.density <= 1:
             raise ConfigError(
                 f'stage {self.name!r}: density must be in (0, 1], got {self.density}.')
-        if (self.mask_mode == 'learned') != self.scores.trainable:
+        if (self.mask_mode in ('learned', 'channel')) != self.scores.trainable:
             raise ConfigError(
-                f'stage {self.name!r}: scores train exactly when mask_mode is "learned" '
+                f'stage {self.name!r}: scores train exactly when mask_mode is "learned" or '
+                '"channel" '
                 f'(mask_mode={self.mask_mode!r}, scores={self.scores.kind!r}).')
         if self.prompt.trainable and not self.prompt_in_stage:
             raise ConfigError(f'stage {self.name!r}: the prompt trains but no pass is prompted.')
@@ -207,11 +252,13 @@ class Stage:
     def compute_key(self) -> Stage:
         """This stage with everything the compiled step does not depend on neutralised (name,
         epochs, density, learning rates, start actions, re-mapping): equal keys share one jitted
-        step."""
+        step. A 'channel' stage keeps its density: its channel threshold is computed from it
+        inside the step."""
         def lr_free(opt: GroupOptimizer) -> GroupOptimizer:  # the lr is a traced factor
             return dataclasses.replace(opt, lr=1.0) if opt.trainable else opt
 
-        return dataclasses.replace(self, name='', epochs=0, density=1.0, start=(),
+        density = self.density if self.mask_mode == 'channel' else 1.0
+        return dataclasses.replace(self, name='', epochs=0, density=density, start=(),
                                    remap_every_epoch=False, report_start=False,
                                    params=lr_free(self.params),
                                    scores=lr_free(self.scores), prompt=lr_free(self.prompt))

@@ -1,6 +1,7 @@
 """TrainState: the separate pytrees of a run, and how a stage begins."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
 from vpns_jax import sparsity
 from vpns_jax.train import optim
@@ -138,6 +139,63 @@ def zero_pruned(params: Tree, masks: Mapping[str, jax.Array]) -> Tree:
     return sparsity.apply_masks(params, masks) if masks else params
 
 
+# ----------------------------------------------------------------------------------------------------
+# 'channel' stages: one score per channel of each group of `vpns_jax.structured` (imported lazily:
+# the unstructured engine does not need it)
+
+
+def _shape_key(tree: Tree) -> tuple:
+    flat = traverse_util.flatten_dict(tree, sep='/') if tree else {}
+    return tuple(sorted((p, tuple(np.shape(v))) for p, v in flat.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _groups_cached(model: Any, shapes: tuple, stat_shapes: tuple, input_size: int) -> tuple:
+    from vpns_jax.structured import groups as groups_lib
+
+    def zeros(spec):
+        return traverse_util.unflatten_dict({p: np.zeros(s, np.float32) for p, s in spec}, sep='/')
+
+    return tuple(groups_lib.channel_groups(
+        model, {'params': zeros(shapes), 'batch_stats': zeros(stat_shapes)}, input_size))
+
+
+def channel_groups_of(model: Any, params: Tree, batch_stats: Tree, input_size: int) -> tuple:
+    """The model's channel groups (`structured.groups.channel_groups`), from the parameter shapes
+    only (works on tracers; cached per model and shapes). input_size: the network input's side, px."""
+    return _groups_cached(model, _shape_key(params), _shape_key(batch_stats), int(input_size))
+
+
+def expanded_masks(groups: tuple, channel_masks: Mapping[str, jax.Array],
+                   params: Tree) -> dict[str, jax.Array]:
+    """Per-channel masks {group: [C]} -> flat per-parameter masks of the parameters' full shapes
+    (`structured.channels.expand`, broadcast), for `zero_pruned` and the 'fixed' path."""
+    from vpns_jax.structured import channels
+
+    flat = traverse_util.flatten_dict(params, sep='/')
+    return {p: jnp.broadcast_to(m, jnp.shape(flat[p]))
+            for p, m in channels.expand(groups, dict(channel_masks), params).items()}
+
+
+def channel_learned_masks(groups: tuple, scores: Mapping[str, jax.Array], params: Tree,
+                          density: float, cap: float) -> dict[str, jax.Array]:
+    """Float per-parameter masks of a 'channel' stage with the straight-through gradient to the
+    channel scores (`channel_ste_masks`: the threshold is outside the gradient)."""
+    from vpns_jax.structured import channels
+
+    cm = channels.channel_ste_masks(dict(scores), groups, 1.0 - density, cap)
+    return expanded_masks(groups, cm, params)
+
+
+def channel_hard_masks(groups: tuple, scores: Mapping[str, jax.Array], params: Tree,
+                       density: float, cap: float) -> dict[str, jax.Array]:
+    """Bool per-parameter masks of the current channel scores (no gradient)."""
+    from vpns_jax.structured import channels
+
+    cm = channels.channel_threshold(jax.lax.stop_gradient(dict(scores)), groups, 1.0 - density, cap)
+    return {p: jnp.asarray(m, bool) for p, m in expanded_masks(groups, cm, params).items()}
+
+
 def begin_stage(
     stage: Stage, state: TrainState, masks: Mapping[str, jax.Array] | None = None
 ) -> TrainState:
@@ -147,6 +205,8 @@ def begin_stage(
     Not called on resume: a restored state already holds the stage's optimizer state and step.
     """
     pruned = {}
+    if stage.mask_mode == 'channel' and not state.scores:
+        raise ValueError(f'stage {stage.name!r} needs channel scores (plan.InitChannelScores).')
     if stage.mask_mode == 'learned' or (stage.mask_mode == 'fixed' and masks is None):
         if not state.scores:
             raise ValueError(f'stage {stage.name!r} needs scores (or, fixed, a given mask).')

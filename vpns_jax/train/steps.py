@@ -19,14 +19,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vpns_jax import label_mapping, prompts
 from vpns_jax.data import device_augment
 from vpns_jax.errors import ConfigError
 from vpns_jax.train import optim
 from vpns_jax.train.stages import GROUPS, Pass, Stage
-from vpns_jax.train.state import TrainState, all_finite, frozen_masks, learned_masks, zero_pruned
+from vpns_jax.train.state import (
+    TrainState,
+    all_finite,
+    channel_groups_of,
+    channel_hard_masks,
+    channel_learned_masks,
+    frozen_masks,
+    learned_masks,
+    zero_pruned,
+)
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -34,12 +43,34 @@ _EVAL_RNG_SALT = 2**31 - 1  # eval key of a 'random' prompt: fold_in(rng, salt)
 _DROPOUT_SALT = 2**31 - 2  # dropout key of a pass: fold_in(pass rng, salt)
 
 
-def current_masks(state: TrainState, stage: Stage) -> dict[str, jax.Array]:
+def current_masks(state: TrainState, stage: Stage, model: Any = None,
+                  input_size: int | None = None) -> dict[str, jax.Array]:
     """Hard (bool) masks to evaluate with: the frozen mask of a 'fixed' stage, the current top-k
-    of the scores in a 'learned' stage, none for a dense stage."""
+    of the scores in a 'learned' stage, the expanded channel threshold of a 'channel' stage (needs
+    `model` and the network `input_size` for its channel groups), none for a dense stage."""
     if stage.mask_mode == 'learned':
         return frozen_masks(state.pruned, state.scores)
+    if stage.mask_mode == 'channel':
+        if model is None or input_size is None:
+            raise ValueError("current_masks of a 'channel' stage needs the model and input size")
+        groups = channel_groups_of(model, state.params, state.batch_stats, input_size)
+        return channel_hard_masks(groups, state.scores, state.params, stage.density,
+                                  stage.channel_cap)
     return dict(state.masks)
+
+
+def bn_scale_paths(params: Any) -> tuple[str, ...]:
+    """Flat paths of every BatchNorm scale (gamma) in `params` (Flax BatchNorm's 'scale' leaves)."""
+    return tuple(p for p in flatten_dict(params, sep='/') if p.endswith('/scale'))
+
+
+def with_bn_l1(grads: Any, params: Any, lam: float) -> Any:
+    """Nested param gradients plus lam * sign(gamma) on every BatchNorm scale (Network Slimming's
+    subgradient of lam * sum|gamma|; sign(0) = 0 as torch.sign)."""
+    flat, values = flatten_dict(grads, sep='/'), flatten_dict(params, sep='/')
+    for p in bn_scale_paths(params):
+        flat[p] = flat[p] + lam * jnp.sign(values[p])
+    return unflatten_dict(flat, sep='/')
 
 
 def batch_images(batch: Batch, *, view: str, prompt_spec: Any) -> jax.Array:
@@ -95,6 +126,10 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
         tr = {**trainables, **diff}
         if stage.mask_mode == 'learned':
             masks = learned_masks(state.pruned, tr['scores'])
+        elif stage.mask_mode == 'channel':  # the channel threshold from the current scores
+            groups = channel_groups_of(model, tr['params'], state.batch_stats, images.shape[1])
+            masks = channel_learned_masks(groups, tr['scores'], tr['params'], stage.density,
+                                          stage.channel_cap)
         else:
             masks = fixed
         params = zero_pruned(tr['params'], masks)
@@ -120,6 +155,8 @@ def pass_step(state: TrainState, batch: Batch, label_map: jax.Array | None,
     grads = {g: grads[g] if g in grads and g in active else jax.tree.map(jnp.zeros_like,
                                                                             trainables[g])
              for g in GROUPS}
+    if stage.bn_l1 and 'params' in active:  # Slim's sparsity term, before the optimizer
+        grads['params'] = with_bn_l1(grads['params'], trainables['params'], stage.bn_l1)
     if fixed:  # pruned weights get no gradient, hence no weight decay and no momentum
         grads['params'] = zero_pruned(grads['params'], fixed)
     new, opt_state = optim.apply_updates(optim.make_optimizer(stage), grads, state.opt_state,
@@ -184,7 +221,7 @@ def train_step(state: TrainState, batches: Mapping[str, Batch], label_map: jax.A
 
 def _eval_logits(state: TrainState, images: jax.Array, *, stage: Stage, model: Any,
                  prompt_spec: Any, prompted: bool) -> jax.Array:
-    masks = current_masks(state, stage)
+    masks = current_masks(state, stage, model, images.shape[1])
     x = model_inputs(images, state.prompt, prompted=prompted, prompt_spec=prompt_spec,
                      rng=jax.random.fold_in(state.rng, _EVAL_RNG_SALT))
     return model.apply({'params': zero_pruned(state.params, masks),
