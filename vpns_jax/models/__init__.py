@@ -1,13 +1,14 @@
 """Model registry: torchvision-compatible ResNet and VGG in Flax Linen (NHWC, pure, no pruning)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vpns_jax import ops
 from vpns_jax.models.resnet import resnet18, resnet34, resnet50
@@ -61,13 +62,16 @@ def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
 
 
 def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-           dtype: Any = jnp.float32, conv_impl: str | None = None) -> nn.Module:
+           dtype: Any = jnp.float32, conv_impl: str | None = None,
+           widths: Mapping[str, int] | None = None) -> nn.Module:
     """Build architecture `name` (one of `ARCHS`); defaults are exactly torchvision's.
 
     width: multiplier on every conv/hidden width (rounded, ≥1). small_input: ResNet 3×3/1 stem
     without max-pool (VGG unchanged). dtype: computation dtype (params stay float32).
     conv_impl: convolution lowering, 'auto' | 'xla' | 'im2col' | 'rows' (`vpns_jax.ops`); None picks
     `default_conv_impl()` for the current backend. Parameters and results do not depend on it.
+    widths: a slimmed network's output channels per conv module path ({'layer1_0/conv1': 9, ...};
+    `vpns_jax.structured.slim` makes them); None or {} is the default network.
     Call: `model.apply(v, x, train=False)`, or in train mode
     `model.apply(v, x, train=True, mutable=['batch_stats'])`.
     """
@@ -80,8 +84,15 @@ def create(name: str, num_classes: int = 1000, *, width: float = 1.0, small_inpu
     conv_impl = default_conv_impl(dtype) if conv_impl is None else conv_impl
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    extra: dict[str, Any] = {}
+    if widths:
+        bad = {k: v for k, v in widths.items() if not (isinstance(v, int | np.integer) and v >= 1)}
+        if bad:
+            raise ValueError(f"widths must be integers >= 1, got {bad}")
+        extra["widths"] = tuple(sorted((str(k), int(v)) for k, v in widths.items()))
     return _BUILDERS[name](num_classes=int(num_classes), width=float(width),
-                           small_input=bool(small_input), dtype=dtype, conv_impl=conv_impl)
+                           small_input=bool(small_input), dtype=dtype, conv_impl=conv_impl,
+                           **extra)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_size: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from vpns_jax import ops
 from vpns_jax.models.layers import BatchNorm, adaptive_avg_pool, conv, normal_init, scaled
+from vpns_jax.models.resnet import _check_width_paths
 
 Dtype = Any
 
@@ -30,6 +31,9 @@ class VGG(nn.Module):
     no effect (the adaptive pool handles small inputs). Dropout (p=0.5) is active only when
     `train=True` AND a 'dropout' rng is passed (`rngs={'dropout': key}`); otherwise it is the
     identity, as in eval mode.
+    `widths`: a slimmed network's conv output widths, ((module path, channels), ...), e.g.
+    (('features_0', 10),); convs not named keep their default width; an unknown path is a
+    ValueError listing the conv paths.
     """
 
     cfg: tuple[int | str, ...] = VGG16_CFG
@@ -40,23 +44,29 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
     conv_impl: str = "xla"
+    widths: tuple[tuple[str, int], ...] = ()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = jnp.asarray(x, self.dtype)
+        widths = dict(self.widths)
+        known = []
         idx = 0
         for v in self.cfg:
             if v == "M":
                 x = ops.max_pool(x, (2, 2), (2, 2), impl=self.conv_impl)
                 idx += 1
                 continue
-            x = conv(scaled(int(v), self.width), 3, name=f"features_{idx}", dtype=self.dtype,
+            name = f"features_{idx}"
+            known.append(name)
+            x = conv(widths.get(name, scaled(int(v), self.width)), 3, name=name, dtype=self.dtype,
                      use_bias=True, impl=self.conv_impl)(x)
             if self.batch_norm:
                 x = BatchNorm(dtype=self.dtype, name=f"features_{idx + 1}")(x, train)
                 idx += 1
             x = nn.relu(x)
             idx += 2
+        _check_width_paths(widths, known)
         x = adaptive_avg_pool(x, (7, 7))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch.flatten of NCHW
         hidden = scaled(4096, self.width)
