@@ -61,6 +61,29 @@ class MaskFrom:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitChannelScores:
+    """Channel scores: one f32[C] per channel group of `vpns_jax.structured`, torch's
+    Kaiming-uniform init of the research code's out x 1 x 1 x 1 score tensors (fan_in 1, a = sqrt(5):
+    U(-1, 1)); no scaled init (reference §6, ambiguity 14)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMaskFrom:
+    """The stage's fixed mask from a channel selection (`methods.channel_select`): importance per
+    channel of every group by `criterion` ('scores': the learned channel scores' |s|, channel VPNs;
+    'bn_scale': |gamma| of the group's BatchNorms, Slim; 'magnitude': the group's parameter-slice
+    norms, DepGraph), channels below the threshold at `density` (fraction of channels kept) pruned,
+    capped groups at most `cap` (scope 'global'; 'layer': every group at its own fraction), then
+    expanded to per-parameter masks. options: the criterion's (name, value) pairs."""
+
+    criterion: str
+    density: float
+    cap: float = 0.25
+    scope: str = 'global'
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Rewind:
     """Weights and BN statistics back to the pretrained ones; the current mask stays applied."""
 
@@ -87,6 +110,9 @@ class Run:
     stages: tuple[Stage, ...]
     has_prompt: bool = False
     prompt_at_test: bool = False
+    # whole channels pruned: the row gets channel sparsity, params, FLOPs and the measured speedup
+    # of the slimmed model, final/ the slimmed export; `sparsity` is the channel sparsity
+    structured: bool = False
 
     @property
     def name(self) -> str:
