@@ -28,6 +28,7 @@ from absl import logging
 
 from vpns_jax import checkpoint, parallel, preemption, prompts, sparsity, tb, train
 from vpns_jax.errors import ConfigError, Diverged
+from vpns_jax.methods import channel_select
 from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
 from vpns_jax.sparsity import criteria
 from vpns_jax.train import state as train_state
@@ -189,6 +190,12 @@ def begin(env: Env, stage: Stage, state: train.TrainState, rng: jax.Array,
         elif isinstance(action, MaskFrom):
             masks = _mask_from(env, action, state, current, jax.random.fold_in(rng, index))
             current = masks
+        elif isinstance(action, channel_select.InitChannelScores):
+            state = state.replace(scores=channel_select.init_scores(
+                channel_groups(env, state), jax.random.fold_in(rng, index)))
+        elif isinstance(action, channel_select.ChannelMaskFrom):  # structured methods
+            masks = channel_select.fixed_masks(action, state, channel_groups(env, state))
+            current = masks
         elif isinstance(action, Rewind):  # copies: the train steps donate the state's buffers
             fresh = train.create_state(env.initial, rng=rng)
             state = state.replace(params=fresh.params, batch_stats=fresh.batch_stats)
@@ -220,6 +227,13 @@ def template(env: Env, stages: tuple[Stage, ...], upto: int, fresh: train.TrainS
                     state = state.replace(scores=sparsity.scaled_score_init(state.params))
                 elif isinstance(action, InitPrompt):
                     state = state.replace(prompt=prompts.init_prompt(env.prompt_spec))
+                elif isinstance(action, channel_select.InitChannelScores):
+                    state = state.replace(scores={g.name: jnp.zeros((g.size,), jnp.float32)
+                                                  for g in channel_groups(env, state)})
+                elif isinstance(action, channel_select.ChannelMaskFrom):
+                    groups = channel_groups(env, state)
+                    masks = {p: jnp.ones(jnp.shape(m), bool) for p, m in train_state.expanded_masks(
+                        groups, {g.name: jnp.ones((g.size,)) for g in groups}, state.params).items()}
                 elif isinstance(action, MaskFrom):
                     masks = {p: jnp.ones(jnp.shape(w), bool)
                              for p, w in _prunable_template(state.params).items()}
@@ -229,6 +243,12 @@ def template(env: Env, stages: tuple[Stage, ...], upto: int, fresh: train.TrainS
         return state
 
     return jax.eval_shape(structure, fresh)
+
+
+def channel_groups(env: Env, state: train.TrainState) -> tuple:
+    """The model's channel groups (`vpns_jax.structured`), from the state's parameter shapes."""
+    return train_state.channel_groups_of(env.model, state.params, state.batch_stats,
+                                         env.prompt_spec.output_size)
 
 
 def flm(env: Env, state: train.TrainState, stage: Stage, *, prompted: bool,

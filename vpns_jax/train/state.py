@@ -153,11 +153,12 @@ def _shape_key(tree: Tree) -> tuple:
 def _groups_cached(model: Any, shapes: tuple, stat_shapes: tuple, input_size: int) -> tuple:
     from vpns_jax.structured import groups as groups_lib
 
-    def zeros(spec):
-        return traverse_util.unflatten_dict({p: np.zeros(s, np.float32) for p, s in spec}, sep='/')
+    def spec(shapes):
+        return traverse_util.unflatten_dict(
+            {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes}, sep='/')
 
     return tuple(groups_lib.channel_groups(
-        model, {'params': zeros(shapes), 'batch_stats': zeros(stat_shapes)}, input_size))
+        model, {'params': spec(shapes), 'batch_stats': spec(stat_shapes)}, input_size))
 
 
 def channel_groups_of(model: Any, params: Tree, batch_stats: Tree, input_size: int) -> tuple:
