@@ -23,6 +23,7 @@ ADAM_1E4 = GroupOptimizer('adam', 1e-4, 0.0, 1e-4, 'cosine')
 SGD_001 = GroupOptimizer('sgd', 0.01, 0.9, 1e-4, 'cosine')
 PAPER_METHODS = ('dense', 'vpns', 'hydra', 'random', 'omp', 'lth', 'snip', 'grasp', 'synflow', 'bip',
                  'vpns_with', 'post_prompt')
+STRUCTURED_METHODS = ('channel_vpns', 'slim', 'depgraph')  # tests/test_structured_methods.py
 
 
 def cfg(**changes):
@@ -37,7 +38,7 @@ def runs(name, **changes):
 
 
 def test_registry_has_every_paper_method():
-    assert tuple(methods.names()) == PAPER_METHODS
+    assert tuple(methods.names()) == PAPER_METHODS + STRUCTURED_METHODS
     with pytest.raises(ConfigError, match='unknown method .omp_typo.*dense, vpns, hydra'):
         methods.get('omp_typo')
 

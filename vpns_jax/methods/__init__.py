@@ -19,13 +19,16 @@ import ml_collections as mlc
 from vpns_jax.errors import ConfigError
 from vpns_jax.methods import (
     bip,
+    channel_vpns,
     dense,
+    depgraph,
     grasp,
     hydra,
     lth,
     omp,
     post_prompt,
     random,
+    slim,
     snip,
     synflow,
     vpns,
@@ -52,6 +55,8 @@ def unregister(name: str) -> None:
 
 
 for _m in (dense, vpns, hydra, random, omp, lth, snip, grasp, synflow, bip, vpns_with, post_prompt):
+    register(_m)
+for _m in (channel_vpns, slim, depgraph):  # structured: whole channels (vpns_jax.structured)
     register(_m)
 
 

@@ -40,7 +40,7 @@ SCOPES = ('global', 'layer')
 
 __all__ = ['CRITERIA', 'ChannelMaskFrom', 'InitChannelScores', 'bn_scale_importance',
            'channel_masks_of', 'fixed_masks', 'importance', 'init_scores', 'magnitude_importance',
-           'normalized', 'select', 'supported_archs']
+           'normalized', 'read_cap', 'select', 'selection_options', 'supported_archs']
 
 
 def supported_archs() -> tuple[str, ...]:
@@ -57,6 +57,19 @@ def check_arch(arch: str, method: str) -> None:
         raise ConfigError(f'config.arch = {arch!r}: structured method {method!r} needs channel '
                           f'groups, defined for {", ".join(archs)}; use one of these or leave '
                           f'{method!r} out of config.methods.')
+
+
+def read_cap(opts: Any) -> float:
+    """`config.<method>.cap` (a `plan.Options`), validated: a number in (0, 1]."""
+    cap = opts.number('cap', minimum=0.0, strict=True)
+    if cap > 1:
+        opts._fail('cap', cap, 'a number in (0, 1] (the most channel sparsity of a capped group)')
+    return cap
+
+
+def selection_options(opts: Any) -> tuple[float, str]:
+    """(cap, scope) of a selection-based method (Slim, DepGraph), validated."""
+    return read_cap(opts), opts.one_of('scope', SCOPES)
 
 
 def init_scores(groups: Sequence[Any], rng: jax.Array) -> dict[str, jax.Array]:
