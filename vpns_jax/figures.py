@@ -23,15 +23,20 @@ exists is drawn.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import itertools
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from vpns_jax import paper_numbers
+from vpns_jax import paper_numbers, report
 from vpns_jax import workdir as workdir_lib
+from vpns_jax.errors import ConfigError, VpnsError
 
 # The paper's plotting scripts' colours (plot/superior_performance/*.py), other methods from tab10.
 COLORS = {"dense": "black", "vpns": "green", "hydra": "blue", "bip": "hotpink",
@@ -224,3 +229,537 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
     fig.tight_layout(rect=(0, 0.03 + 0.02 * len(captions) / len(rows), 1, 1))
     fig.text(0.01, 0.005, "\n".join(captions), fontsize=7, va="bottom", ha="left", wrap=True)
     return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Per-layer sparsity
+
+
+_HEADS = ("fc", "classifier", "head")
+
+
+def layer_order(paths: Sequence[str]) -> list[str]:
+    """Layers in network order: natural sort of the Flax paths ('layer1_0' < 'layer1_1' <
+    'layer2_0', 'features_2' < 'features_10'), the classifier head last."""
+    def key(path: str) -> tuple:
+        parts = tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path))
+        return (path.split("/")[0].startswith(_HEADS), tuple((isinstance(p, int), p) for p in parts))
+
+    return sorted(paths, key=key)
+
+
+@dataclasses.dataclass
+class LayerBars:
+    """One method's bars: per layer (in `layers` order) the sparsity mean and std over seeds, in %."""
+
+    method: str
+    mean: list[float]
+    std: list[float]
+    n: int
+    total: float  # mean whole-network sparsity, %
+
+
+def layer_bar_values(per_method: Mapping[str, Sequence[Mapping[str, Any]]]
+                     ) -> tuple[list[str], list[LayerBars]]:
+    """(layers, bars) of per-layer sparsity summaries (`sparsity.sparsity_summary` / the files
+    `report.save_layer_sparsity` writes), several per method (one per seed). ValueError when the
+    methods' layers differ (runs of different models)."""
+    layers: list[str] | None = None
+    bars = []
+    for method in sorted(per_method):
+        summaries = per_method[method]
+        names = layer_order(list(summaries[0]["layers"]))
+        if layers is None:
+            layers = names
+        elif names != layers:
+            raise ValueError(f"layer_sparsity: {method}'s layers differ from the other methods' "
+                             "(runs of different models in one figure)")
+        values = np.array([[100 * s["layers"][p]["sparsity"] for p in layers] for s in summaries])
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(layers))
+        total = float(np.mean([100 * s["total"]["sparsity"] for s in summaries]))
+        bars.append(LayerBars(method, values.mean(axis=0).tolist(), std.tolist(), len(values), total))
+    return layers or [], bars
+
+
+def layer_sparsity_bars(per_method: Mapping[str, Sequence[Mapping[str, Any]]], out_path: str, *,
+                        title: str = "") -> str:
+    """Grouped bars of per-layer sparsity (%): one group per layer (network order), one bar per
+    method (mean over its summaries, one per seed; error bar ± sample std when n > 1); writes a PNG."""
+    layers, bars = layer_bar_values(per_method)
+    if not bars:
+        raise ValueError("layer_sparsity_bars: no per-layer sparsity summaries given")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) * max(1, len(bars)) ** 0.5 + 2), 4.2),
+                           dpi=110)
+    x = np.arange(len(layers))
+    width = 0.8 / len(bars)
+    names = [b.method for b in bars]
+    for i, b in enumerate(bars):
+        ax.bar(x - 0.4 + width * (i + 0.5), b.mean, width, yerr=b.std if b.n > 1 else None,
+               capsize=2, color=color_of(b.method, names),
+               label=f"{b.method} (n={b.n}, total {b.total:.2f} %)")
+    short = [p.removesuffix("/kernel") for p in layers]
+    ax.set_xticks(x, short, rotation=90, fontsize=7)
+    ax.set(ylabel="sparsity (%)", ylim=(0, 100), title=title or "per-layer sparsity")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The learned prompt
+
+
+def prompt_views(program: np.ndarray, spec: Any, image: np.ndarray | None = None,
+                 *, grey: float = 0.5, rng_seed: int = 0) -> dict[str, np.ndarray]:
+    """The prompt as the model sees it, via `vpns_jax.prompts.apply_prompt`: 'added' (f(program) ⊙
+    region, f = identity for pad, sigmoid for fix/random; float [out, out, 3], may be negative),
+    'grey' (a mid-grey input image prompted, clamped to [0, 1]) and, with `image` (f32[in, in, 3] in
+    [0, 1]), 'image' (it padded, unprompted) and 'prompted'. The random prompt's square is drawn at
+    `jax.random.PRNGKey(rng_seed)`."""
+    import jax
+
+    from vpns_jax import prompts
+
+    rng = jax.random.PRNGKey(rng_seed) if spec.method == "random" else None
+    prompt = {"program": np.asarray(program, np.float32)}
+    f = prompt["program"] if spec.method == "pad" else np.asarray(jax.nn.sigmoid(prompt["program"]))
+    out = {"added": np.asarray(prompts.region_mask(spec, rng)) * f}
+    flat = np.full((1, spec.input_size, spec.input_size, 3), grey, np.float32)
+    out["grey"] = np.asarray(prompts.apply_prompt(prompt, flat, spec, rng))[0]
+    if image is not None:
+        batch = np.asarray(image, np.float32)[None]
+        out["image"] = np.asarray(prompts.pad_images(batch, spec))[0]
+        out["prompted"] = np.asarray(prompts.apply_prompt(prompt, batch, spec, rng))[0]
+    return out
+
+
+def prompt_image(program: np.ndarray, spec: Any, out_path: str, *, image: np.ndarray | None = None,
+                 title: str = "") -> str:
+    """Draw the learned prompt (`prompt_views`): the added term (grey = 0, scaled by its largest
+    |value|), the prompted mid-grey image and, with `image`, the test image without and with the
+    prompt (pixels exactly as the model gets them before normalization); writes a PNG."""
+    views = prompt_views(program, spec, image)
+    plt = _plt()
+    panels = [("grey", "on a mid-grey image (0.5)")]
+    if image is not None:
+        panels += [("image", "test image"), ("prompted", "test image + prompt")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6), dpi=110)
+    added = views["added"]
+    scale = float(np.abs(added).max()) or 1.0
+    axes[0].imshow(np.clip(0.5 + added / (2 * scale), 0, 1), interpolation="nearest")
+    axes[0].set_title(f"program ⊙ mask\n(grey = 0, ±{scale:.3g} = black / white)", fontsize=8)
+    for ax, (key, label) in zip(axes[1:], panels, strict=True):
+        ax.imshow(views[key], vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    where = f"{spec.method} prompt, input {spec.input_size} → {spec.output_size}" + (
+        f", pad {spec.pad_size}" if spec.method == "pad" else f", square {spec.mask_size}")
+    fig.suptitle(f"{title + ': ' if title else ''}{where}", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Mask overlap
+
+
+def mask_iou(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per layer, intersection over union of the kept-weight sets of two masks (bool arrays keyed by
+    layer path), plus 'total' over all weights: |a ∧ b| / |a ∨ b| (1.0 when both keep nothing).
+    ValueError when the layers or shapes differ."""
+    if set(a) != set(b):
+        raise ValueError(f"mask_iou: the masks have different layers ({sorted(set(a) ^ set(b))[:3]})")
+    out, inter_all, union_all = {}, 0, 0
+    for path in layer_order(list(a)):
+        x, y = np.asarray(a[path], bool), np.asarray(b[path], bool)
+        if x.shape != y.shape:
+            raise ValueError(f"mask_iou: {path} has shapes {x.shape} and {y.shape}")
+        inter, union = int(np.sum(x & y)), int(np.sum(x | y))
+        out[path] = inter / union if union else 1.0
+        inter_all, union_all = inter_all + inter, union_all + union
+    out["total"] = inter_all / union_all if union_all else 1.0
+    return out
+
+
+def random_iou(density_a: float, density_b: float) -> float:
+    """Expected IoU of two independent random masks keeping fractions `density_a`, `density_b`:
+    d_a d_b / (d_a + d_b − d_a d_b) (the chance level a heatmap cell compares to)."""
+    both = density_a * density_b
+    either = density_a + density_b - both
+    return both / either if either else 1.0
+
+
+def mask_overlap(ious: Mapping[tuple[str, str], Sequence[Mapping[str, float]]], out_path: str, *,
+                 title: str = "", density: float | None = None) -> str:
+    """Heatmap of `mask_iou` results: rows = layers (network order) + 'total', columns = method
+    pairs, each cell the mean IoU over the seeds given for that pair (n in the column label); colour
+    scale fixed to [0, 1]. `density` (kept fraction) adds the random-mask chance level to the
+    caption. Writes a PNG.
+
+    A heatmap per sparsity rather than lines per layer: with k methods there are k(k − 1)/2 pairs
+    and ~20 layers, which as lines would cross and hide each other; a grid shows every (layer, pair)
+    value with its number written in, and one figure per sparsity keeps like with like (IoU falls
+    with the density, so sparsities on one colour scale would mislead)."""
+    pairs = sorted(ious)
+    if not pairs:
+        raise ValueError("mask_overlap: no pairs of masks given")
+    layers = layer_order([k for k in ious[pairs[0]][0] if k != "total"]) + ["total"]
+    values = np.array([[np.mean([r[layer] for r in ious[p]]) for p in pairs] for layer in layers])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 + 1.3 * len(pairs)), 1.6 + 0.28 * len(layers)),
+                           dpi=110)
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for i, j in itertools.product(range(len(layers)), range(len(pairs))):
+        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if values[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(pairs)), [f"{a} ∩ {b}\n(n={len(ious[(a, b)])})" for a, b in pairs],
+                  fontsize=7)
+    ax.set_yticks(range(len(layers)), [p.removesuffix("/kernel") for p in layers], fontsize=7)
+    fig.colorbar(image, ax=ax, label="IoU of kept weights")
+    chance = (f"\ntwo independent random masks at density {density:g}: IoU "
+              f"{random_iou(density, density):.3f}") if density is not None else ""
+    ax.set_title((title or "mask overlap") + f"\nmean over seeds{chance}", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training curves
+
+
+def curve_data(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What `training_curves` draws from one run's metrics.jsonl rows (`tb` kinds): {'x_label',
+    'loss': {label: (x, y)}, 'accuracy': {label: (x, y)}, 'test': {label: (x, y)}, 'stages':
+    [(x where a stage starts, name)]}. Step rows give '<pass> (step)' series, epoch rows
+    '<pass> (epoch mean)', test rows 'test' / 'test, prompted'. x is the global step; rows written
+    before steps were recorded (per-epoch rows only) use the epoch's ordinal."""
+    from vpns_jax import tb
+
+    has_steps = all("step" in r for r in rows)
+    out: dict[str, Any] = {"x_label": "global step" if has_steps else "epoch (ordinal over stages)",
+                           "loss": {}, "accuracy": {}, "test": {}, "stages": []}
+    ordinal, last_x = 0, 0.0
+    for r in rows:
+        kind = tb.kind_of(r)
+        if kind == "epoch":
+            ordinal += 1
+        x = float(r["step"]) if has_steps else float(ordinal)
+        stage = r.get("stage")
+        if stage and (not out["stages"] or out["stages"][-1][1] != stage) and kind != "test":
+            out["stages"].append((last_x, stage))  # where the previous stage ended
+        last_x = x
+        if kind == "test":
+            label = "test, prompted" if r.get("prompted") else "test"
+            xs, ys = out["test"].setdefault(label, ([], []))
+            xs.append(x)
+            ys.append(100 * float(r["accuracy"]))
+            continue
+        prefix = "train/" if kind == "step" else ""
+        suffix = " (step)" if kind == "step" else " (epoch mean)"
+        for key, value in r.items():
+            if not key.startswith(prefix) or value is None:
+                continue
+            name = key[len(prefix):]
+            for metric in ("loss", "accuracy"):
+                if name.endswith("/" + metric):
+                    xs, ys = out[metric].setdefault(name[: -len(metric) - 1] + suffix, ([], []))
+                    xs.append(x)
+                    ys.append(float(value) * (100 if metric == "accuracy" else 1))
+    return out
+
+
+def training_curves(rows: Sequence[Mapping[str, Any]], out_path: str, *, title: str = "") -> str:
+    """Loss, training accuracy (%) and test accuracy (%, when measured) of one run against the
+    global step, one line per pass (step rows thin, epoch means thick), stage starts as dotted
+    lines; writes a PNG."""
+    data = curve_data(rows)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    for ax, key, ylabel in zip(axes, ("loss", "accuracy", "test"),
+                               ("training loss", "training accuracy (%)", "test accuracy (%)"),
+                               strict=True):
+        names = sorted({label.split(" (")[0] for label in data[key]})
+        for label, (xs, ys) in sorted(data[key].items()):
+            epoch = "epoch" in label or key == "test"
+            ax.plot(xs, ys, marker="o" if epoch else None, ms=3, lw=1.8 if epoch else 0.8,
+                    alpha=1.0 if epoch else 0.5, label=label,  # one colour per pass
+                    color=_EXTRA[names.index(label.split(" (")[0]) % len(_EXTRA)])
+        for x, _ in data["stages"][1:]:
+            ax.axvline(x, color="gray", ls=":", lw=1)
+        if not data[key]:
+            ax.text(0.5, 0.5, "not measured" if key == "test" else "no rows", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
+        ax.set(xlabel=data["x_label"], ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if data[key]:
+            ax.legend(fontsize=7)
+    stages = " → ".join(s for _, s in data["stages"])
+    fig.suptitle(f"{title + ': ' if title else ''}{stages}" if stages else title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A sweep's (or one workdir's) figures
+
+
+@dataclasses.dataclass
+class Cell:
+    """One workdir to draw from: its sweep cell name ('' for a lone workdir), config name, seed and
+    the (method, sparsity) runs planned there (those with results rows, for a lone workdir)."""
+
+    name: str
+    dir: str
+    config: str
+    seed: int | None
+    runs: list[tuple[str, float]]
+
+
+@dataclasses.dataclass
+class Plotted:
+    """What `plot_dir` did: files written, one line per thing missing, the summary it drew from."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+
+def find_cells(directory: str) -> tuple[list[Cell], dict[str, Any]]:
+    """The cells of a sweep directory (sweep.json), a seeds workdir (seeds.json) or one workdir
+    (results.json or metrics.jsonl), and the summary of their results so far. ConfigError (one
+    line) for a directory that is none of these."""
+    from vpns_jax import aggregate, sweep
+
+    for name in (sweep.GRID_FILE, sweep.SEEDS_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            records = workdir_lib.read_json(path, "restore it (it lists the cells)")["cells"]
+            cells = [Cell(r["name"], os.path.join(directory, r["dir"]), r["config"], int(r["seed"]),
+                          [(m, float(s)) for m, s in r["runs"]]) for r in records]
+            return cells, aggregate.summarize(directory, records, write=False)
+    if not any(os.path.exists(os.path.join(directory, f))
+               for f in (report.RESULTS_FILE, report.METRICS_FILE)):
+        raise ConfigError(
+            f"{directory} holds no sweep ({sweep.GRID_FILE}), no seeds workdir ({sweep.SEEDS_FILE}) "
+            f"and no run ({report.RESULTS_FILE} or {report.METRICS_FILE}); give the --dir of a sweep "
+            "or the --workdir of a run that has started")
+    rows = report.load_results(directory)["runs"]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    cell = Cell("", directory, "", seeds[0] if len(seeds) == 1 else None,
+                [(r["method"], float(r["sparsity"])) for r in rows])
+    return [cell], {"groups": aggregate.group_rows(rows), "missing": [], "rows": len(rows)}
+
+
+def _tag(*parts: Any) -> str:
+    """A file-name-safe tag of the parts ('proxy', 'seed_0', 'vpns_s0.9' -> 'proxy_seed_0_vpns_s0.9')."""
+    return "_".join(re.sub(r"[^A-Za-z0-9_.+-]", "-", str(p)) for p in parts if p not in ("", None))
+
+
+def _rows_of(cell: Cell) -> list[dict[str, Any]]:
+    try:
+        return report.load_results(cell.dir)["runs"]
+    except VpnsError:
+        return []
+
+
+def _setting_of(cell: Cell, methods: set[str]) -> str:
+    """The paper setting of a cell: 'transfer' when its config takes the mask from another run
+    (`mask_from`), 'structured' for channel pruning, else 'standard'."""
+    config_path = os.path.join(cell.dir, "config.json")
+    if os.path.exists(config_path):
+        try:
+            if workdir_lib.read_json(config_path, "").get("mask_from"):
+                return "transfer"
+        except VpnsError:
+            pass
+    return "structured" if methods & paper_numbers.STRUCTURED_METHODS else "standard"
+
+
+def _final(cache: dict[str, Any], cell: Cell, method: str, sparsity: float
+           ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A run's final export (tree, meta), read once; None when it is missing or unreadable."""
+    from vpns_jax import checkpoint
+    from vpns_jax.methods.plan import run_id
+
+    path = os.path.join(cell.dir, "final", run_id(method, sparsity))
+    if path not in cache:
+        cache[path] = None
+        if os.path.isdir(path):
+            try:
+                cache[path] = checkpoint.load_final(path)
+            except VpnsError:
+                pass
+    return cache[path]
+
+
+def _test_image(dataset: str, input_size: int, data_dir: str | None) -> np.ndarray | None:
+    """The first test image of `dataset` at `input_size` (f32 [in, in, 3] in [0, 1]), or None when
+    the data cannot be read here."""
+    from vpns_jax import data
+
+    try:
+        loader = data.eval_loader(dataset, input_size=input_size, batch_size=1,
+                                  data_dir=data_dir or None)
+        batch = next(iter(loader))
+        return np.asarray(batch["image"][0], np.float32)
+    except (VpnsError, OSError, StopIteration, ValueError):
+        return None
+
+
+def plot_dir(directory: str, out: str | None = None, *, paper: bool = True) -> Plotted:
+    """Every figure of a sweep directory or a workdir into `out` (default DIRECTORY/figures/):
+    accuracy vs sparsity per config, per-layer sparsity and mask overlap per (config, sparsity), the
+    prompt per (config, method, sparsity) (lowest seed) and training curves per run (curves/). What
+    is not there yet is listed in `missing`, one line each. ConfigError when there is nothing to
+    draw at all."""
+    cells, summary = find_cells(directory)
+    out = out or os.path.join(directory, "figures")
+    done = Plotted(summary=summary)
+    configs = sorted({c.config for c in cells})
+    rows_by_cell = {c.name: _rows_of(c) for c in cells}
+
+    # 1. accuracy vs sparsity, one file per config
+    by_cell: dict[str, list[str]] = {}
+    for m in summary.get("missing", []):
+        by_cell.setdefault(m["cell"], []).append(f"{m['method']} at {m['sparsity']:g}")
+    for name, what in by_cell.items():
+        done.missing.append(f"acc_vs_sparsity: {name} not finished ({', '.join(what)})")
+    for config in configs:
+        groups = [g for g in summary["groups"] if g.get("config", "") == config]
+        if not groups:
+            done.missing.append(f"acc_vs_sparsity: {config or directory}: no finished runs")
+            continue
+        one = {**summary, "groups": groups,
+               "missing": [m for m in summary.get("missing", []) if m["config"] == config]}
+        methods = {g["method"] for g in groups}
+        first = next(c for c in cells if c.config == config)
+        done.written.append(accuracy_vs_sparsity(
+            one, os.path.join(out, f"{_tag('acc_vs_sparsity', config)}.png"), paper=paper,
+            settings={config: _setting_of(first, methods)}))
+
+    cache: dict[str, Any] = {}
+    for config in configs:
+        ccells = [c for c in cells if c.config == config]
+        finished = [(c, r) for c in ccells for r in rows_by_cell[c.name]]
+        sparsities = sorted({float(r["sparsity"]) for _, r in finished if r["method"] != "dense"})
+        for sp in sparsities:
+            here = [(c, r) for c, r in finished if float(r["sparsity"]) == sp]
+            # 2. per-layer sparsity
+            per_method: dict[str, list[dict[str, Any]]] = {}
+            for c, r in here:
+                path = os.path.join(c.dir, "sparsity", f"{r['method']}_{sp:g}.json")
+                if os.path.exists(path):
+                    per_method.setdefault(r["method"], []).append(workdir_lib.read_json(path, ""))
+                else:
+                    done.missing.append(f"layer_sparsity: {c.name or c.dir} {r['method']} at {sp:g}: "
+                                        f"no {os.path.relpath(path, c.dir)}")
+            if per_method:
+                done.written.append(layer_sparsity_bars(
+                    per_method, os.path.join(out, f"{_tag('layer_sparsity', config, f's{sp:g}')}.png"),
+                    title=f"{config + ': ' if config else ''}per-layer sparsity at {sp:g}"))
+            # 4. mask overlap: pairs of methods with the same seed
+            masks: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+            for c, r in here:
+                final = _final(cache, c, r["method"], sp)
+                if final is None:
+                    done.missing.append(f"mask_overlap: {c.name or c.dir} {r['method']} at {sp:g}: "
+                                        "no final export")
+                elif final[0].get("masks"):
+                    masks[(r["method"], int(r["seed"]))] = final[0]["masks"]
+            ious: dict[tuple[str, str], list[dict[str, float]]] = {}
+            for (ma, sa), (mb, sb) in itertools.combinations(sorted(masks), 2):
+                if sa == sb and ma != mb:
+                    ious.setdefault((ma, mb), []).append(mask_iou(masks[(ma, sa)], masks[(mb, sb)]))
+            if ious:
+                done.written.append(mask_overlap(
+                    ious, os.path.join(out, f"{_tag('mask_overlap', config, f's{sp:g}')}.png"),
+                    title=f"{config + ': ' if config else ''}kept-weight IoU at sparsity {sp:g}",
+                    density=1 - sp))
+            elif len({m for m, _ in masks}) < 2:
+                done.missing.append(f"mask_overlap: {config or directory} at {sp:g}: fewer than two "
+                                    "methods with masks")
+        # 3. prompts: one per (method, sparsity), the lowest seed that has one
+        drawn: set[tuple[str, float]] = set()
+        images: dict[tuple[str, int], np.ndarray | None] = {}
+        for c, r in sorted(finished, key=lambda cr: int(cr[1]["seed"])):
+            key = (r["method"], float(r["sparsity"]))
+            if r.get("accuracy_with_prompt") is None or key in drawn:
+                continue
+            final = _final(cache, c, *key)
+            if final is None or "program" not in (final[0].get("prompt") or {}):
+                done.missing.append(f"prompt: {c.name or c.dir} {key[0]} at {key[1]:g}: no final "
+                                    "export with a prompt")
+                continue
+            from vpns_jax import prompts
+
+            tree, meta = final
+            spec = prompts.PromptSpec(**meta["prompt"])
+            data_key = (str(meta.get("dataset")), spec.input_size)
+            if data_key not in images:
+                config_json = os.path.join(c.dir, "config.json")
+                data_dir = (workdir_lib.read_json(config_json, "").get("data_dir")
+                            if os.path.exists(config_json) else None)
+                images[data_key] = _test_image(*data_key, data_dir)
+                if images[data_key] is None:
+                    done.missing.append(f"prompt: no test image of {data_key[0]} readable here "
+                                        "(prompt drawn on grey only)")
+            drawn.add(key)
+            run = f"{key[0]}_s{key[1]:g}"
+            done.written.append(prompt_image(
+                tree["prompt"]["program"], spec,
+                os.path.join(out, f"{_tag('prompt', config, 'seed_' + str(r['seed']), run)}.png"),
+                image=images[data_key],
+                title=f"{(c.name or config or run)} {run}"))
+    # 5. training curves, every run with metrics rows
+    for c in cells:
+        metrics = report.load_metrics(c.dir) if os.path.exists(
+            os.path.join(c.dir, report.METRICS_FILE)) else []
+        runs = sorted({r["run"] for r in metrics if r.get("run")})
+        for run in runs:
+            rows = [r for r in metrics if r.get("run") == run]
+            seed = f"seed_{c.seed}" if c.seed is not None else ""
+            done.written.append(training_curves(
+                rows, os.path.join(out, "curves", f"{_tag(c.config, seed, run)}.png"),
+                title=f"{c.name + ' ' if c.name else ''}{run}"))
+        from vpns_jax.methods.plan import run_id
+
+        for method, sp in c.runs:
+            if run_id(method, sp) not in runs:
+                done.missing.append(f"training_curves: {c.name or c.dir} {run_id(method, sp)}: no "
+                                    "metrics rows yet")
+    if not done.written:
+        raise ConfigError(f"nothing to plot in {directory}: no results rows and no training metrics "
+                          "yet (" + (done.missing[0] if done.missing else "no runs") + ")")
+    return done
+
+
+def run_cli(directory: str, out: str | None) -> int:
+    """Plot `directory`, print the files written and one line per thing missing; 2 on a user error."""
+    try:
+        plotted = plot_dir(directory, out)
+    except VpnsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in plotted.written:
+        print(f"wrote {path}")
+    for line in plotted.missing:
+        print(f"missing: {line}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vpns_jax.figures --workdir DIR [--out DIR]` (a workdir, seeds workdir or sweep)."""
+    p = argparse.ArgumentParser(prog="python -m vpns_jax.figures", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", "--dir", dest="directory", required=True,
+                   help="a run's workdir, a --config.seeds workdir or a sweep directory")
+    p.add_argument("--out", help="output folder (default: DIR/figures/)")
+    args = p.parse_args(argv)
+    return run_cli(args.directory, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,8 @@ scripts (`jincan333/ILM-VP@develop-can:plot/...`, the data behind the figures; e
 script). Accuracies in %, mean (std over seeds 7/9/17) where the script has a std, else the single
 value. Sparsities as fractions; LTH's are its IMP rounds 1 - 0.8^k as the scripts label them (CIFAR-10,
 Flowers-102, DTD and Stanford Cars: 19 points, 20 % ... 98.85 %, as the scripts label them: rounds
-1-15 and 17-20, their 96.50 standing for round 15's 96.48). tests/test_figures.py parses the reference text and checks every curve against it.
+1-15 and 17-20, their 96.50 standing for round 15's 96.48). tests/test_figures.py parses the reference
+text and checks every curve against it.
 
 `setting` separates results that share a (dataset, arch, method) but not a protocol: 'standard' (the
 mask found and tuned on the dataset itself), 'transfer' (Fig. 6: the mask found on ImageNet-1K, then
@@ -25,6 +26,7 @@ FIG6 = "Fig. 6"
 FIG7 = "Fig. 7"
 FIG9 = "Fig. 9"
 SETTINGS = ("standard", "transfer", "structured")
+STRUCTURED_METHODS = frozenset({"channel_vpns", "slim", "depgraph"})  # channel sparsity (Fig. 9)
 # The paper's VGG-16 (Fig. 5) is the research copy's VGG-16-BN (reference §7); the released code's
 # VGG-16 without BN is the same figure's closest setting, so both match it.
 ARCH_ALIASES = {"vgg16": "vgg16_bn"}

@@ -2,6 +2,7 @@
 
     python -m vpns_jax.sweep --sweep configs/sweeps/proxy_methods.py --dir SWEEPDIR [--workers N]
     python -m vpns_jax.sweep summarize --dir SWEEPDIR
+    python -m vpns_jax.sweep plot --dir SWEEPDIR [--out DIR]      (figures: vpns_jax.figures)
 
 A sweep file (Python, like `configs/`) defines `get_sweep()` returning a `Sweep`: named base configs
 (config files, `'configs/x.py:args'`, or ConfigDicts), `methods` (each entry is one cell per config and
@@ -454,17 +455,22 @@ def _record_seeds(workdir: str, grid: dict[str, Any], cells: Sequence[Cell]) -> 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vpns_jax.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("command", nargs="?", default="run", choices=("run", "summarize"))
+    p.add_argument("command", nargs="?", default="run", choices=("run", "summarize", "plot"))
     p.add_argument("--sweep", help="sweep file (configs/sweeps/<file>.py) defining get_sweep()")
     p.add_argument("--dir", required=True, help="sweep directory (cells/, sweep.json, summary.*)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes on this machine (each takes the next free cell)")
+    p.add_argument("--out", help="plot: the figures' folder (default DIR/figures/)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; returns the exit code (2: a user error, 75: stopped, resume by rerunning)."""
     args = _parser().parse_args(argv)
+    if args.command == "plot":  # vpns_jax.figures: every figure of the sweep's data so far
+        from vpns_jax import figures
+
+        return figures.run_cli(args.dir, args.out)
     from vpns_jax import main as main_lib
 
     logging.use_absl_handler()
