@@ -222,3 +222,196 @@ def test_paper_numbers_equal_the_reference_text():
     assert paper_numbers.curves_for("tiny_imagenet", "vgg16", methods={"omp"})[0].accuracy[-1] == 70.04
     assert paper_numbers.curves_for("digits", "resnet18") == []
     assert paper_numbers.dense_for("cifar100", "resnet18", setting="structured") == 81.90
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2.-5. Per-layer bars, prompt, mask overlap, training curves
+
+
+def _layers(sparsities, sizes=(100, 10)):
+    paths = ("layer1_0/conv1/kernel", "fc/kernel")
+    layers = {p: {"size": n, "nonzero": round(n * (1 - s)), "sparsity": s}
+              for p, n, s in zip(paths, sizes, sparsities, strict=True)}
+    total = sum(v["size"] - v["nonzero"] for v in layers.values()) / sum(sizes)
+    return {"total": {"sparsity": total}, "layers": layers}
+
+
+def test_layer_sparsity_bars_heights_and_order(tmp_path, monkeypatch):
+    captured = {}
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path))
+    per_method = {"vpns": [_layers((0.9, 0.5)), _layers((0.8, 0.7))], "hydra": [_layers((0.95, 0.1))]}
+    figures.layer_sparsity_bars(per_method, str(tmp_path / "bars.png"))
+    (ax,) = captured["fig"].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["layer1_0/conv1", "fc"]  # head last
+    hydra, vpns = ax.containers[0], ax.containers[-1]  # methods in sorted order
+    assert hydra.get_label().startswith("hydra (n=1") and vpns.get_label().startswith("vpns (n=2")
+    np.testing.assert_allclose([b.get_height() for b in hydra.patches], [95.0, 10.0])
+    np.testing.assert_allclose([b.get_height() for b in vpns.patches], [85.0, 60.0])
+    errs = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    (_, _, (segments,)) = errs[0].lines  # vpns: ± sample std over its 2 seeds
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments.get_segments()],
+                               [2 * np.std([90, 80], ddof=1), 2 * np.std([50, 70], ddof=1)])
+    assert figures.layer_order(["fc/kernel", "layer2_0/conv1/kernel", "layer10_0/conv1/kernel",
+                                "conv1/kernel", "features_10/kernel", "features_2/kernel"]) == [
+        "conv1/kernel", "features_2/kernel", "features_10/kernel", "layer2_0/conv1/kernel",
+        "layer10_0/conv1/kernel", "fc/kernel"]
+    plt.close("all")
+
+
+def test_mask_iou_on_hand_made_masks():
+    a = {"l/kernel": np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool), "fc/kernel": np.zeros(3, bool)}
+    b = {"l/kernel": np.array([[1, 0, 1, 0], [1, 0, 0, 1]], bool), "fc/kernel": np.zeros(3, bool)}
+    iou = figures.mask_iou(a, b)
+    assert iou["l/kernel"] == pytest.approx(2 / 5)  # both keep (0,0), (1,0); either keeps 5
+    assert iou["fc/kernel"] == 1.0  # both keep nothing: the same set
+    assert iou["total"] == pytest.approx(2 / 5)
+    assert figures.mask_iou(a, a)["total"] == 1.0
+    b["fc/kernel"] = np.array([1, 1, 0], bool)
+    assert figures.mask_iou(a, b)["fc/kernel"] == 0.0 and figures.mask_iou(a, b)["total"] == 2 / 7
+    rng = np.random.default_rng(0)
+    x, y = rng.random(200_000) < 0.1, rng.random(200_000) < 0.3
+    assert figures.mask_iou({"w": x}, {"w": y})["w"] == pytest.approx(figures.random_iou(0.1, 0.3),
+                                                                      abs=0.01)
+    with pytest.raises(ValueError, match="different layers"):
+        figures.mask_iou(a, {"l/kernel": a["l/kernel"]})
+
+
+def test_prompt_image_pixels_are_grey_plus_program_times_mask(tmp_path, monkeypatch):
+    from vpns_jax import prompts
+
+    captured = []
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, path: captured.append(fig) or real_save(fig, path))
+    rng = np.random.default_rng(1)
+    program = rng.normal(0, 0.4, (8, 8, 3)).astype(np.float32)
+    image = rng.random((8, 8, 3)).astype(np.float32)
+    spec = prompts.PromptSpec("pad", input_size=8, output_size=8, pad_size=2)
+    figures.prompt_image(program, spec, str(tmp_path / "p.png"), image=image)
+    shown = [im.get_array() for im in captured[0].axes[1].images + captured[0].axes[3].images]
+    grey, prompted = (np.asarray(s) for s in shown)
+    mask = np.zeros((8, 8, 1))
+    mask[:2] = mask[-2:] = mask[:, :2] = mask[:, -2:] = 1
+    for r, c in [(0, 0), (1, 5), (7, 7), (3, 1), (4, 4), (2, 2)]:  # border and centre pixels
+        np.testing.assert_allclose(grey[r, c], np.clip(0.5 + program[r, c] * mask[r, c], 0, 1),
+                                   atol=1e-6)
+        np.testing.assert_allclose(prompted[r, c], np.clip(image[r, c] + program[r, c] * mask[r, c],
+                                                           0, 1), atol=1e-6)
+    assert np.all(grey[2:6, 2:6] == 0.5)  # no prompt inside the frame
+    # fix: sigmoid of the program on the top-left square; input 6 zero-padded to 8 (1 px each side)
+    spec = prompts.PromptSpec("fix", input_size=6, output_size=8, mask_size=3)
+    views = figures.prompt_views(program, spec, image[:6, :6])
+    sig = 1 / (1 + np.exp(-program))
+    np.testing.assert_allclose(views["grey"][1, 2], np.clip(0.5 + sig[1, 2], 0, 1), atol=1e-6)
+    np.testing.assert_allclose(views["grey"][0, 0], np.clip(0.0 + sig[0, 0], 0, 1), atol=1e-6)
+    np.testing.assert_allclose(views["grey"][5, 5], [0.5] * 3)
+    np.testing.assert_allclose(views["prompted"][4, 4], image[3, 3], atol=1e-6)
+    plt.close("all")
+
+
+def test_training_curves_read_the_metrics_rows(tmp_path, monkeypatch):
+    rows = [{"kind": "step", "run": "r", "stage": "mask_finding", "step": s,
+             "train/pass0/loss": 2.0 / s, "train/pass0/accuracy": 0.1 * s} for s in (1, 2, 3)]
+    rows += [{"kind": "epoch", "run": "r", "stage": "mask_finding", "epoch": 1, "step": 3,
+              "pass0/loss": 1.2, "pass0/accuracy": 0.2},
+             {"kind": "test", "run": "r", "stage": "mask_finding", "step": 3, "accuracy": 0.25,
+              "prompted": False},
+             {"kind": "step", "run": "r", "stage": "tuning", "step": 4, "train/pass0/loss": 0.4,
+              "train/pass0/accuracy": 0.8},
+             {"kind": "test", "run": "r", "stage": "tuning", "step": 4, "accuracy": 0.5}]
+    data = figures.curve_data(rows)
+    assert data["loss"]["pass0 (step)"] == ([1, 2, 3, 4], [2.0, 1.0, 2.0 / 3, 0.4])
+    assert data["loss"]["pass0 (epoch mean)"] == ([3], [1.2])
+    assert data["accuracy"]["pass0 (step)"][1] == pytest.approx([10, 20, 30, 80])
+    assert data["test"] == {"test": ([3, 4], [25.0, 50.0])}
+    assert data["stages"] == [(0.0, "mask_finding"), (3.0, "tuning")]
+    captured = []
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, path: captured.append(fig) or real_save(fig, path))
+    figures.training_curves(rows, str(tmp_path / "c.png"), title="r")
+    test_line = [ln for ln in captured[0].axes[2].lines if ln.get_label() == "test"][0]
+    np.testing.assert_allclose(test_line.get_ydata(), [25.0, 50.0])
+    old = [{"run": "r", "stage": "finetune", "epoch": e, "pass0/loss": 1.0 / e} for e in (1, 2)]
+    assert figures.curve_data(old)["loss"] == {"pass0 (epoch mean)": ([1, 2], [1.0, 0.5])}
+    plt.close("all")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A half-finished sweep directory, made by hand (no training)
+
+
+def _masks(seed, density):
+    rng = np.random.default_rng(seed)
+    return {"layer1_0/conv1/kernel": rng.random((3, 3, 2, 4)) < density,
+            "fc/kernel": rng.random((4, 3)) < density}
+
+
+def test_half_finished_sweep_plots_what_exists_and_lists_the_rest(tmp_path, capsys, monkeypatch):
+    from vpns_jax import checkpoint, sweep
+    from vpns_jax import sparsity as sparsity_lib
+    from vpns_jax import workdir as workdir_lib
+
+    cells = [{"name": f"proxy/{m}/seed_0", "dir": f"cells/proxy/{m}/seed_0", "config": "proxy",
+              "methods": m.replace("+", ","), "seed": 0, "runs": runs}
+             for m, runs in (("dense+hydra", [["dense", 0.0], ["hydra", 0.9]]), ("vpns", [["vpns", 0.9]]))]
+    cells.append({**cells[1], "name": "proxy/vpns/seed_1", "dir": "cells/proxy/vpns/seed_1", "seed": 1})
+    workdir_lib.write_json(str(tmp_path / "sweep.json"), {"grid": {}, "cells": cells})
+    program = np.random.default_rng(3).normal(0, 0.3, (8, 8, 3)).astype(np.float32)
+    masks = {"hydra": _masks(1, 0.1), "vpns": _masks(2, 0.1)}
+    for cell, methods in ((cells[0], (("dense", 0.0, 0.9, None), ("hydra", 0.9, 0.7, None))),
+                          (cells[1], (("vpns", 0.9, 0.8, 0.85),))):
+        wd = tmp_path / cell["dir"]
+        rows = [_row(m, s, 0, acc, wp) for m, s, acc, wp in methods]
+        report.save_results(str(wd.mkdir(parents=True) or wd), {"runs": rows, "dense": None})
+        for m, s, _, _ in methods:
+            if m == "dense":
+                continue
+            report.save_layer_sparsity(str(wd), m, s, sparsity_lib.sparsity_summary(masks[m]))
+            tree = {"masks": masks[m]} | ({"prompt": {"program": program}} if m == "vpns" else {})
+            checkpoint.save_final(str(wd / "final" / f"{m}_s{s:g}"), tree,
+                                  {"method": m, "sparsity": s, "dataset": "digits",
+                                   "prompt": {"method": "pad", "input_size": 8, "output_size": 8,
+                                              "pad_size": 2, "mask_size": 115}})
+            report.append_metrics(str(wd), {"kind": "epoch", "run": f"{m}_s{s:g}", "stage": "tuning",
+                                            "epoch": 1, "step": 2, "pass0/loss": 1.0})
+    monkeypatch.setattr(figures, "_test_image", lambda *a: np.full((8, 8, 3), 0.25, np.float32))
+    captured = []
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, path: captured.append((os.path.basename(path), fig))
+                        or real_save(fig, path))
+    assert sweep.main(["plot", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    written = sorted(os.path.relpath(line.split(" ", 1)[1], tmp_path / "figures") for line in out
+                     if line.startswith("wrote "))
+    assert written == ["acc_vs_sparsity_proxy.png", "curves/proxy_seed_0_hydra_s0.9.png",
+                       "curves/proxy_seed_0_vpns_s0.9.png", "layer_sparsity_proxy_s0.9.png",
+                       "mask_overlap_proxy_s0.9.png", "prompt_proxy_seed_0_vpns_s0.9.png"]
+    missing = [line for line in out if line.startswith("missing: ")]
+    assert "missing: acc_vs_sparsity: proxy/vpns/seed_1 not finished (vpns at 0.9)" in missing
+    assert "missing: training_curves: proxy/vpns/seed_1 vpns_s0.9: no metrics rows yet" in missing
+    assert "missing: training_curves: proxy/dense+hydra/seed_0 dense_s0: no metrics rows yet" in missing
+    assert all(os.path.getsize(tmp_path / "figures" / w) > 1000 for w in written)
+    # the heatmap shows the IoU of the two hand-made masks, layer by layer
+    fig = dict(captured)["mask_overlap_proxy_s0.9.png"]
+    expected = figures.mask_iou(masks["hydra"], masks["vpns"])
+    shown = fig.axes[0].images[0].get_array()
+    np.testing.assert_allclose(np.asarray(shown)[:, 0], [expected["layer1_0/conv1/kernel"],
+                                                          expected["fc/kernel"], expected["total"]])
+    # the prompt figure comes from the final export: grey + program on the frame
+    grey = np.asarray(dict(captured)["prompt_proxy_seed_0_vpns_s0.9.png"].axes[1].images[0].get_array())
+    np.testing.assert_allclose(grey[0, 3], np.clip(0.5 + program[0, 3], 0, 1), atol=1e-6)
+
+    # nothing at all: one line, exit 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    workdir_lib.write_json(str(empty / "sweep.json"), {"grid": {}, "cells": cells[1:2]})
+    assert sweep.main(["plot", "--dir", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: nothing to plot in {empty}")
+    assert figures.main(["--workdir", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    plt.close("all")

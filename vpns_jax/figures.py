@@ -534,6 +534,9 @@ def find_cells(directory: str) -> tuple[list[Cell], dict[str, Any]]:
     line) for a directory that is none of these."""
     from vpns_jax import aggregate, sweep
 
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory} does not exist; give the --dir of a sweep or the --workdir "
+                          "of a run")
     for name in (sweep.GRID_FILE, sweep.SEEDS_FILE):
         path = os.path.join(directory, name)
         if os.path.exists(path):
