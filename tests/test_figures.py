@@ -398,9 +398,11 @@ def test_half_finished_sweep_plots_what_exists_and_lists_the_rest(tmp_path, caps
     # the heatmap shows the IoU of the two hand-made masks, layer by layer
     fig = dict(captured)["mask_overlap_proxy_s0.9.png"]
     expected = figures.mask_iou(masks["hydra"], masks["vpns"])
-    shown = fig.axes[0].images[0].get_array()
-    np.testing.assert_allclose(np.asarray(shown)[:, 0], [expected["layer1_0/conv1/kernel"],
-                                                          expected["fc/kernel"], expected["total"]])
+    per_layer = np.asarray(fig.axes[1].images[0].get_array())
+    np.testing.assert_allclose(per_layer[:, 0], [expected["layer1_0/conv1/kernel"],
+                                                 expected["fc/kernel"], expected["total"]])
+    np.testing.assert_allclose(np.asarray(fig.axes[0].images[0].get_array()),  # hydra, vpns
+                               [[1.0, expected["total"]], [expected["total"], 1.0]])
     # the prompt figure comes from the final export: grey + program on the frame
     grey = np.asarray(dict(captured)["prompt_proxy_seed_0_vpns_s0.9.png"].axes[1].images[0].get_array())
     np.testing.assert_allclose(grey[0, 3], np.clip(0.5 + program[0, 3], 0, 1), atol=1e-6)

@@ -44,8 +44,10 @@ COLORS = {"dense": "black", "vpns": "green", "hydra": "blue", "bip": "hotpink",
           "synflow": "red", "random": "violet", "vpns_w_lth": "#bc6c25", "vpns_w_omp": "olive",
           "vpns_w_random": "orchid", "channel_vpns": "green", "slim": "steelblue",
           "depgraph": "crimson"}
-_EXTRA = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-          "tab:gray", "tab:olive", "tab:cyan")
+# Other methods: colours unlike those above, each with its own marker.
+_EXTRA = ("#17becf", "#8c564b", "#7f7f7f", "#bcbd22", "#1f77b4", "#ff7f0e", "#9467bd", "#d62728",
+          "#e377c2", "#2ca02c", "#aec7e8", "#ffbb78")
+_MARKERS = ("s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
 PANELS = ("without prompt", "with prompt")
 
 
@@ -64,6 +66,14 @@ def color_of(method: str, others: Sequence[str] = ()) -> str:
         return COLORS[method]
     rest = sorted(m for m in set(others) | {method} if m not in COLORS)
     return _EXTRA[rest.index(method) % len(_EXTRA)]
+
+
+def marker_of(method: str, others: Sequence[str] = ()) -> str:
+    """'o' for the paper's methods, a distinct marker for each other one."""
+    if method in COLORS:
+        return "o"
+    rest = sorted(m for m in set(others) | {method} if m not in COLORS)
+    return _MARKERS[rest.index(method) % len(_MARKERS)]
 
 
 def save_figure(fig: Any, path: str) -> str:
@@ -136,19 +146,26 @@ def panel_series(groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def _sparsity_scale(ax: Any, xs: Sequence[float]) -> None:
     """x axis in sparsity % with log-spaced density (−log10(1 − s)) once a sweep goes past 90 %, so
     0.9 / 0.99 / 0.999 are evenly spaced; linear (the paper's) otherwise. Ticks at the data."""
-    if xs and max(xs) > 90.0 + 1e-9:
-        def forward(x: Any) -> Any:
-            return -np.log10(np.clip(1.0 - np.asarray(x, float) / 100.0, 1e-6, None))
+    def forward(x: Any) -> Any:
+        return -np.log10(np.clip(1.0 - np.asarray(x, float) / 100.0, 1e-6, None))
 
-        def inverse(y: Any) -> Any:
-            return 100.0 * (1.0 - 10.0 ** (-np.asarray(y, float)))
+    def inverse(y: Any) -> Any:
+        return 100.0 * (1.0 - 10.0 ** (-np.asarray(y, float)))
 
+    log = bool(xs) and max(xs) > 90.0 + 1e-9
+    if log:
         ax.set_xscale("function", functions=(forward, inverse))
     ticks = sorted(set(round(x, 4) for x in xs))
     if ticks:
+        where = forward(ticks) if log else np.asarray(ticks)
+        span = float(where[-1] - where[0]) or 1.0
+        labels, last = [], None
+        for t, w in zip(ticks, where, strict=True):  # no label closer than 4 % of the axis
+            keep = last is None or (w - last) / span >= 0.04
+            labels.append(f"{t:g}" if keep else "")
+            last = w if keep else last
         ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=7,
-                           rotation=45 if len(ticks) > 8 else 0)
+        ax.set_xticklabels(labels, fontsize=7, rotation=45 if len(ticks) > 8 else 0)
 
 
 def _setting_groups(summary: Mapping[str, Any]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
@@ -171,7 +188,9 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
         raise ValueError("accuracy_vs_sparsity: the summary has no results groups (no finished runs)")
     plt = _plt()
     rows = sorted(keyed)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), dpi=110, squeeze=False)
+    many = max(len({g["method"] for g in keyed[k]}) for k in rows) > 6
+    fig, axes = plt.subplots(len(rows), 2, figsize=(15 if many else 11, 4.2 * len(rows)), dpi=110,
+                             squeeze=False)
     captions = []
     for (config, dataset, arch), ax_row in zip(rows, axes, strict=True):
         groups = keyed[(config, dataset, arch)]
@@ -195,7 +214,8 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
                            alpha=0.12, lw=0)
                 ax.axhline(band["mean"], color="black", ls="--", lw=1.2, label=label)
             for s in series[panel]:
-                ax.errorbar(s.x, s.mean, yerr=s.std, marker="o", ms=4, capsize=3, lw=1.5,
+                ax.errorbar(s.x, s.mean, yerr=s.std, marker=marker_of(s.method, methods), ms=4,
+                            capsize=3, lw=1.5,
                             color=color_of(s.method, methods), label=s.label)
             drawn = [c for c in curves if c.prompted == (panel == PANELS[1])]
             for c in drawn:
@@ -212,7 +232,10 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
             ax.set_xlabel("sparsity (%)")
             ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
+            entries = len(ax.get_legend_handles_labels()[0])
+            if entries > 7:  # outside the axes, so no curve is hidden
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            elif entries:
                 ax.legend(fontsize=7, loc="best")
         for ax in ax_row:
             _sparsity_scale(ax, xs_all)
@@ -393,36 +416,62 @@ def random_iou(density_a: float, density_b: float) -> float:
     return both / either if either else 1.0
 
 
-def mask_overlap(ious: Mapping[tuple[str, str], Sequence[Mapping[str, float]]], out_path: str, *,
-                 title: str = "", density: float | None = None) -> str:
-    """Heatmap of `mask_iou` results: rows = layers (network order) + 'total', columns = method
-    pairs, each cell the mean IoU over the seeds given for that pair (n in the column label); colour
-    scale fixed to [0, 1]. `density` (kept fraction) adds the random-mask chance level to the
-    caption. Writes a PNG.
+MAX_PAIRS = 12  # per-layer columns beyond which only the pairs with the focus method are shown
 
-    A heatmap per sparsity rather than lines per layer: with k methods there are k(k − 1)/2 pairs
-    and ~20 layers, which as lines would cross and hide each other; a grid shows every (layer, pair)
-    value with its number written in, and one figure per sparsity keeps like with like (IoU falls
-    with the density, so sparsities on one colour scale would mislead)."""
+
+def mask_overlap(ious: Mapping[tuple[str, str], Sequence[Mapping[str, float]]], out_path: str, *,
+                 title: str = "", density: float | None = None, focus: str = "vpns") -> str:
+    """Two heatmaps of `mask_iou` results (mean over the seeds given for each pair, colour scale
+    fixed to [0, 1], numbers written in): left, method × method IoU of the whole network; right,
+    layers (network order) + 'total' × method pairs. With more than MAX_PAIRS pairs the right one
+    keeps the pairs with `focus` (VPNs; else the first method). `density` (kept fraction) adds the
+    chance level of two independent random masks. Writes a PNG.
+
+    Heatmaps per sparsity rather than lines per layer: with k methods there are k(k − 1)/2 pairs
+    and ~20 layers, which as lines would cross and hide each other; a grid shows every value with
+    its number, and one figure per sparsity keeps like with like (IoU falls with the density, so
+    sparsities on one colour scale would mislead)."""
     pairs = sorted(ious)
     if not pairs:
         raise ValueError("mask_overlap: no pairs of masks given")
+    methods = sorted({m for p in pairs for m in p})
+    shown = pairs
+    if len(pairs) > MAX_PAIRS:
+        focus = focus if focus in methods else methods[0]
+        shown = [p for p in pairs if focus in p]
     layers = layer_order([k for k in ious[pairs[0]][0] if k != "total"]) + ["total"]
-    values = np.array([[np.mean([r[layer] for r in ious[p]]) for p in pairs] for layer in layers])
+    values = np.array([[np.mean([r[layer] for r in ious[p]]) for p in shown] for layer in layers])
+    matrix = np.eye(len(methods))
+    for a, b in pairs:
+        i, j = methods.index(a), methods.index(b)
+        matrix[i, j] = matrix[j, i] = np.mean([r["total"] for r in ious[(a, b)]])
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 + 1.3 * len(pairs)), 1.6 + 0.28 * len(layers)),
-                           dpi=110)
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for i, j in itertools.product(range(len(layers)), range(len(pairs))):
-        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                color="white" if values[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(pairs)), [f"{a} ∩ {b}\n(n={len(ious[(a, b)])})" for a, b in pairs],
-                  fontsize=7)
+    left = 1.5 + 0.45 * len(methods)
+    right = max(4.0, 2.0 + 0.9 * len(shown))
+    fig, (ax_m, ax) = plt.subplots(
+        1, 2, figsize=(left + right, max(3.5, 1.8 + 0.27 * len(layers), 1.5 + 0.4 * len(methods))),
+        dpi=110, gridspec_kw={"width_ratios": [left, right]})
+
+    def grid(axis: Any, data: np.ndarray) -> Any:
+        image = axis.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, j in itertools.product(range(data.shape[0]), range(data.shape[1])):
+            axis.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                      color="white" if data[i, j] < 0.6 else "black")
+        return image
+
+    grid(ax_m, matrix)
+    ax_m.set_xticks(range(len(methods)), methods, rotation=90, fontsize=7)
+    ax_m.set_yticks(range(len(methods)), methods, fontsize=7)
+    ax_m.set_title("whole network", fontsize=8)
+    image = grid(ax, values)
+    ax.set_xticks(range(len(shown)), [f"{a} ∩ {b} (n={len(ious[(a, b)])})" for a, b in shown],
+                  rotation=90, fontsize=7)
     ax.set_yticks(range(len(layers)), [p.removesuffix("/kernel") for p in layers], fontsize=7)
+    ax.set_title("per layer" + (f" (pairs with {focus})" if shown is not pairs else ""), fontsize=8)
     fig.colorbar(image, ax=ax, label="IoU of kept weights")
-    chance = (f"\ntwo independent random masks at density {density:g}: IoU "
+    chance = (f"; two independent random masks at density {density:g}: IoU "
               f"{random_iou(density, density):.3f}") if density is not None else ""
-    ax.set_title((title or "mask overlap") + f"\nmean over seeds{chance}", fontsize=8)
+    fig.suptitle((title or "mask overlap") + f", mean over seeds{chance}", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out_path)
 
