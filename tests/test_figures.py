@@ -377,7 +377,7 @@ def test_half_finished_sweep_plots_what_exists_and_lists_the_rest(tmp_path, caps
                                               "pad_size": 2, "mask_size": 115}})
             report.append_metrics(str(wd), {"kind": "epoch", "run": f"{m}_s{s:g}", "stage": "tuning",
                                             "epoch": 1, "step": 2, "pass0/loss": 1.0})
-    monkeypatch.setattr(figures, "_test_image", lambda *a: np.full((8, 8, 3), 0.25, np.float32))
+    monkeypatch.setattr(figures, "_test_image", lambda *a: "digits is not prepared here")
     captured = []
     real_save = figures.save_figure
     monkeypatch.setattr(figures, "save_figure",
@@ -394,6 +394,9 @@ def test_half_finished_sweep_plots_what_exists_and_lists_the_rest(tmp_path, caps
     assert "missing: acc_vs_sparsity: proxy/vpns/seed_1 not finished (vpns at 0.9)" in missing
     assert "missing: training_curves: proxy/vpns/seed_1 vpns_s0.9: no metrics rows yet" in missing
     assert "missing: training_curves: proxy/dense+hydra/seed_0 dense_s0: no metrics rows yet" in missing
+    assert ("missing: prompt: no test image of digits readable here (digits is not prepared here); "
+            "prompts drawn on grey only") in missing
+    assert len(missing) == 4, missing
     assert all(os.path.getsize(tmp_path / "figures" / w) > 1000 for w in written)
     # the heatmap shows the IoU of the two hand-made masks, layer by layer
     fig = dict(captured)["mask_overlap_proxy_s0.9.png"]
@@ -404,7 +407,9 @@ def test_half_finished_sweep_plots_what_exists_and_lists_the_rest(tmp_path, caps
     np.testing.assert_allclose(np.asarray(fig.axes[0].images[0].get_array()),  # hydra, vpns
                                [[1.0, expected["total"]], [expected["total"], 1.0]])
     # the prompt figure comes from the final export: grey + program on the frame
-    grey = np.asarray(dict(captured)["prompt_proxy_seed_0_vpns_s0.9.png"].axes[1].images[0].get_array())
+    prompt_fig = dict(captured)["prompt_proxy_seed_0_vpns_s0.9.png"]
+    assert len(prompt_fig.axes) == 2  # program ⊙ mask and the grey image: no test image here
+    grey = np.asarray(prompt_fig.axes[1].images[0].get_array())
     np.testing.assert_allclose(grey[0, 3], np.clip(0.5 + program[0, 3], 0, 1), atol=1e-6)
 
     # nothing at all: one line, exit 2

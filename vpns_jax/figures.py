@@ -181,8 +181,8 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
     one row of two panels (without / with the prompt) per (config, dataset, arch); writes a PNG to
     `out_path` and returns it. With `paper`, the paper's curves for the same (dataset, arch, method)
     are drawn dashed beside the run's; `settings` maps a config name to its paper setting ('standard',
-    'transfer': a mask from another dataset, 'structured'; default 'standard'). ValueError when the
-    summary has no groups."""
+    'transfer': a mask from another dataset, 'structured'; default: 'structured' for channel-pruning
+    methods, else 'standard'). ValueError when the summary has no groups."""
     keyed = _setting_groups(summary)
     if not keyed:
         raise ValueError("accuracy_vs_sparsity: the summary has no results groups (no finished runs)")
@@ -195,7 +195,9 @@ def accuracy_vs_sparsity(summary: dict, out_path: str, *, title: str = "", paper
     for (config, dataset, arch), ax_row in zip(rows, axes, strict=True):
         groups = keyed[(config, dataset, arch)]
         series = panel_series(groups)
-        setting = (settings or {}).get(config, "standard")
+        setting = (settings or {}).get(config) or (
+            "structured" if {g["method"] for g in groups} & paper_numbers.STRUCTURED_METHODS
+            else "standard")
         methods = sorted({g["method"] for g in groups})
         curves = paper_numbers.curves_for(dataset, arch, setting=setting, methods=set(methods)) \
             if paper else []
@@ -380,7 +382,8 @@ def prompt_image(program: np.ndarray, spec: Any, out_path: str, *, image: np.nda
         ax.set_xticks([])
         ax.set_yticks([])
     where = f"{spec.method} prompt, input {spec.input_size} → {spec.output_size}" + (
-        f", pad {spec.pad_size}" if spec.method == "pad" else f", square {spec.mask_size}")
+        f", pad {spec.pad_size}" if spec.method == "pad" else f", square {spec.mask_size}") + (
+        " (placed anew every forward; here at PRNGKey(0)'s draw)" if spec.method == "random" else "")
     fig.suptitle(f"{title + ': ' if title else ''}{where}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out_path)
@@ -648,9 +651,9 @@ def _final(cache: dict[str, Any], cell: Cell, method: str, sparsity: float
     return cache[path]
 
 
-def _test_image(dataset: str, input_size: int, data_dir: str | None) -> np.ndarray | None:
-    """The first test image of `dataset` at `input_size` (f32 [in, in, 3] in [0, 1]), or None when
-    the data cannot be read here."""
+def _test_image(dataset: str, input_size: int, data_dir: str | None) -> np.ndarray | str:
+    """The first test image of `dataset` at `input_size` (f32 [in, in, 3] in [0, 1]), or why it
+    cannot be read here (a figure is drawn without it rather than not at all)."""
     from vpns_jax import data
 
     try:
@@ -658,8 +661,8 @@ def _test_image(dataset: str, input_size: int, data_dir: str | None) -> np.ndarr
                                   data_dir=data_dir or None)
         batch = next(iter(loader))
         return np.asarray(batch["image"][0], np.float32)
-    except (VpnsError, OSError, StopIteration, ValueError):
-        return None
+    except Exception as e:  # noqa: BLE001 - any data problem: the prompt is drawn on grey only
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def plot_dir(directory: str, out: str | None = None, *, paper: bool = True) -> Plotted:
@@ -736,7 +739,7 @@ def plot_dir(directory: str, out: str | None = None, *, paper: bool = True) -> P
                                     "methods with masks")
         # 3. prompts: one per (method, sparsity), the lowest seed that has one
         drawn: set[tuple[str, float]] = set()
-        images: dict[tuple[str, int], np.ndarray | None] = {}
+        images: dict[tuple[str, int], np.ndarray | str] = {}
         for c, r in sorted(finished, key=lambda cr: int(cr[1]["seed"])):
             key = (r["method"], float(r["sparsity"]))
             if r.get("accuracy_with_prompt") is None or key in drawn:
@@ -756,15 +759,15 @@ def plot_dir(directory: str, out: str | None = None, *, paper: bool = True) -> P
                 data_dir = (workdir_lib.read_json(config_json, "").get("data_dir")
                             if os.path.exists(config_json) else None)
                 images[data_key] = _test_image(*data_key, data_dir)
-                if images[data_key] is None:
+                if isinstance(images[data_key], str):
                     done.missing.append(f"prompt: no test image of {data_key[0]} readable here "
-                                        "(prompt drawn on grey only)")
+                                        f"({images[data_key]}); prompts drawn on grey only")
             drawn.add(key)
             run = f"{key[0]}_s{key[1]:g}"
             done.written.append(prompt_image(
                 tree["prompt"]["program"], spec,
                 os.path.join(out, f"{_tag('prompt', config, 'seed_' + str(r['seed']), run)}.png"),
-                image=images[data_key],
+                image=None if isinstance(images[data_key], str) else images[data_key],
                 title=f"{(c.name or config or run)} {run}"))
     # 5. training curves, every run with metrics rows
     for c in cells:
