@@ -18,6 +18,8 @@ from vpns_jax import config as config_lib
 from vpns_jax import workdir as workdir_lib
 from vpns_jax.errors import ConfigError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _row(method, sparsity, seed, acc, with_prompt=None, actual=None, config=""):
     return {**report.run_record(method=method, arch="resnet18", dataset="digits", seed=seed,
@@ -113,9 +115,12 @@ def test_bad_sweep_inputs_are_one_line_before_anything_starts(tmp_path, capsys):
     assert sweep.main(["--sweep", "nope.py", "--dir", str(tmp_path / "d")]) == 2
     assert sweep.main(["summarize", "--dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.splitlines()
+    shipped = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs", "sweeps"))
+                     if f.endswith(".py"))
+    assert "proxy_methods" in shipped and "benchmark" in shipped
     assert err == [
         "error: sweep file nope.py does not exist; the shipped sweeps in configs/sweeps/: "
-        "proxy_methods.",
+        f"{', '.join(shipped)}.",
         f"error: {tmp_path / 'd'} holds no sweep (sweep.json) and no seeds workdir (seeds.json); "
         "give the --dir of `python -m vpns_jax.sweep --sweep ...` or the --workdir of a run with "
         "--config.seeds."]

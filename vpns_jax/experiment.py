@@ -35,6 +35,7 @@ from vpns_jax import (
     report,
     runner,
     sparsity,
+    structured_rows,
     tb,
     train,
 )
@@ -428,7 +429,36 @@ def run_one(ctx: Context, run: Run, *, allow_training: bool = True) -> dict[str,
     fresh = train.create_state(ctx.env.initial, rng=jax.random.PRNGKey(ctx.config.seed))
     with tb.RunLogger(ctx.workdir, run.name, primary=ctx.primary) as logger:
         end = runner.run_chain(ctx.env, run, fresh, allow_training=allow_training, logger=logger)
-        return _finish(ctx, run, end, logger)
+        row = _finish(ctx, run, end, logger)
+        if measures_channels(ctx.runs, run):
+            row.update(_structured_fields(ctx, run, end.state))
+        return row
+
+
+def measures_channels(runs: list[Run], run: Run) -> bool:
+    """Structured runs, and the dense run of an experiment with structured ones (the speedup's
+    reference), get the structured row fields (`vpns_jax.structured_rows`)."""
+    return run.structured or (run.method == "dense" and any(r.structured for r in runs))
+
+
+def _structured_fields(ctx: Context, run: Run, state: train.TrainState) -> dict[str, Any]:
+    """Channel sparsity, params, FLOPs and measured speedup of the slimmed network (process 0's
+    numbers on every process), and its export to WORKDIR/slim/<run>/ (written by process 0)."""
+    masks = {p: np.asarray(m, bool) for p, m in jax.device_get(dict(state.masks)).items()}
+    variables = {"params": train.state.zero_pruned(state.params, masks) if masks else state.params,
+                 "batch_stats": state.batch_stats}
+    export = (os.path.join(ctx.workdir, structured_rows.SLIM_DIR, run.name)
+              if ctx.primary and ctx.writable else None)
+    options = {**ctx.weights_meta["options"], "num_classes": int(ctx.model.num_classes)}
+    fields = structured_rows.row_fields(
+        ctx.model, variables, masks, input_size=ctx.config.input_size,
+        batch=eval_batch_size(ctx.config), export_dir=export, arch=ctx.arch, options=options,
+        source={"run": run.name, "method": run.method, "sparsity": run.sparsity,
+                "dataset": ctx.config.dataset})
+    timed = ("latency_ms", "latency_dense_ms", "speedup")
+    for key, value in zip(timed, parallel.from_process_0([fields[k] for k in timed]), strict=True):
+        fields[key] = value
+    return fields
 
 
 def _final_problem(workdir: str, name: str) -> str | None:

@@ -114,6 +114,8 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
     best = any(r.get("accuracy_best_on_test") is not None for r in runs)
     header = ("method", "sparsity", "actual", "acc %", "acc+VP %", "epochs", "steps", "time s")
     header += (BEST_LABEL,) if best else ()
+    structured = any(r.get("params") is not None for r in runs)
+    header += STRUCTURED_HEADER if structured else ()
     rows = [header]
     for r in sorted(runs, key=lambda r: (r["method"] != "dense", r["method"], r["sparsity"])):
         stages = r["epochs"].values() if isinstance(r["epochs"], dict) else r["epochs"]
@@ -123,12 +125,15 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
         rows.append((r["method"], f"{r['sparsity']:.3f}", f"{r['actual_sparsity']:.4f}",
                      _pct(without), with_prompt, epochs,
                      str(r["gradient_steps"]), f"{r['seconds']:.0f}")
-                    + ((_pct(r.get("accuracy_best_on_test")),) if best else ()))
+                    + ((_pct(r.get("accuracy_best_on_test")),) if best else ())
+                    + (structured_cells(r) if structured else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if best:
         lines.append(BEST_NOTE)
+    if structured:
+        lines.append(structured_note(runs))
     return "\n".join(lines)
 
 
@@ -137,6 +142,24 @@ BEST_NOTE = ("best %, selected on test: the maximum test accuracy over the last 
              "(config.eval_every_epochs), as the released code reports; chosen on the test set, so "
              "biased upwards: 'acc %' is the result.")
 COST_FILE = "cost.md"
+STRUCTURED_HEADER = ("channel sp.", "params", "MFLOPs", "speedup")
+
+
+def structured_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """The structured columns of a row (`vpns_jax.structured_rows`): channel sparsity, parameters
+    and MFLOPs of the slimmed network, measured latency speedup over the dense one ('-' for rows
+    without them)."""
+    if row.get("params") is None:
+        return ("-",) * len(STRUCTURED_HEADER)
+    return (f"{row['channel_sparsity']:.3f}", f"{row['params']:,}", f"{row['flops'] / 1e6:.2f}",
+            f"{row['speedup']:.2f}x")
+
+
+def structured_note(runs: Sequence[dict[str, Any]]) -> str:
+    """The footnote of the structured columns (the setup of the latency measurement)."""
+    setup = next((r.get("latency_setup") for r in runs if r.get("latency_setup")), "")
+    return ("params, MFLOPs (multiply-adds per image at the input size): the physically slimmed "
+            "network; speedup: dense / slimmed latency" + (f" ({setup})" if setup else "") + ".")
 
 
 def cost_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
