@@ -68,6 +68,9 @@ def default_config() -> mlc.ConfigDict:
     # complete workdir); () = just `seed`. A source model trained here (proxy) is made once, with `seed`.
     c.seeds = ()
     c.sparsities = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    # Transfer (paper Fig. 6): a finished run's mask, 'WORKDIR/RUN' or 'WORKDIR/final/RUN', tuned here
+    # by each configured method's tuning stage at that mask's sparsity ('' = none; vpns_jax.transfer).
+    c.mask_from = ""
     c.label_mapping = "flm"  # flm (released) | ilm (re-mapped every epoch) | new_head
     c.prompt = mlc.ConfigDict({  # the prompt's geometry; where and how it trains is each method's
         "method": "pad",
@@ -88,6 +91,7 @@ def default_config() -> mlc.ConfigDict:
         "lr": 0.05,
         "batch_size": 128,
         "steps_per_epoch": 0,
+        "input_size": 0,  # image size it trains at; 0 = config.input_size
     })
     c.steps_per_epoch = 0  # 0 = the whole training split; >0 caps iterations per epoch (quick runs)
     c.log_every_steps = 50
@@ -234,6 +238,9 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
             or len(set(seeds)) != len(seeds)):
         _fail("seeds", seeds, "a tuple of distinct integers, e.g. (0,1,2) (() = just config.seed)")
     validate_sparsities(config.sparsities)
+    if not isinstance(config.mask_from, str):
+        _fail("mask_from", config.mask_from, "a finished run's directory, WORKDIR/RUN or "
+              "WORKDIR/final/RUN ('' = no transfer)")
     _one_of(config, "label_mapping", LABEL_MAPPINGS)
     _one_of(config, "prompt.method", PROMPT_METHODS)
     _positive_int(config, "prompt.output_size")
@@ -270,6 +277,7 @@ def validate(config: mlc.ConfigDict, *, known_archs: Iterable[str] | None = None
         _positive_float(config, "proxy.lr")
         _positive_int(config, "proxy.batch_size")
         _positive_int(config, "proxy.steps_per_epoch", allow_zero=True)
+        _positive_int(config, "proxy.input_size", allow_zero=True)
     elif not str(config.weights).strip():
         _fail("weights", config.weights,
               "the path of a weights file in the project's format; make one from torchvision's "

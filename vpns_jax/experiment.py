@@ -38,6 +38,7 @@ from vpns_jax import (
     structured_rows,
     tb,
     train,
+    transfer,
 )
 from vpns_jax import config as config_lib
 from vpns_jax import weights as weights_lib
@@ -74,6 +75,9 @@ NON_SEMANTIC: dict[str, tuple[str, ...]] = {
     "data.num_threads": (_E + "data_options", _P + "train_proxy"),
     "data.prefetch": (_E + "data_options", _P + "train_proxy"),
 }
+# Fields added after workdirs existed: at this value a field is left out of the fingerprint (and so of
+# every stage key), so workdirs made before it resume unchanged; any other value is in the resume check.
+NEUTRAL: dict[str, Any] = {"mask_from": "", "proxy.input_size": 0}
 _PER_HOST = ("compilation_cache", "data.worker_count", "data.num_threads", "data.prefetch")
 
 
@@ -129,6 +133,13 @@ def config_fingerprint(config: mlc.ConfigDict, *, with_methods: bool = False) ->
     mapping, prompt geometry; with `with_methods` also the method subtrees (whose effect on a run is
     in its stage keys)."""
     d = _config_without(config, NON_SEMANTIC)
+    for field, value in NEUTRAL.items():
+        *parents, leaf = field.split(".")
+        node = d
+        for name in parents:
+            node = node.get(name, {})
+        if leaf in node and node[leaf] == value:
+            node.pop(leaf)
     if not with_methods:
         for name in methods.names():
             d.pop(name, None)
@@ -268,6 +279,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
                 f"config.label_mapping = {config.label_mapping!r} maps each of the {num_target} "
                 f"classes of {config.dataset} to a distinct one of the model's {num_source} classes, "
                 "which is impossible; use --config.label_mapping=new_head.")
+    _check_transfer(config, model)
     mesh = parallel.make_mesh()
     parallel.global_batch_size_check(config.batch_size, mesh)
     shard = {"shard_index": info.process_index, "shard_count": info.process_count}
@@ -299,9 +311,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
     parallel.barrier("proxy weights")  # process 0 wrote them; the others read them next
     if make_proxy:
         arch, variables, meta = _load_pretrained(config, path)
-    spec = prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
-                              output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
-                              mask_size=config.prompt.mask_size)
+    spec = prompt_spec(config)
     ctx = Context(config=config, workdir=workdir, arch=arch, model=model, pretrained=variables,
                   weights_meta=meta, num_source=num_source, num_target=num_target, prompt_spec=spec,
                   mesh=mesh, loaders=loaders, eval_loader=eval_loader, primary=info.is_primary,
@@ -332,6 +342,26 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
                              model, spec, skip_nonfinite=config.on_nonfinite == "skip_batch"),
                          primary=info.is_primary, stops=stops, eval_loader=eval_loader)
     return ctx
+
+
+def _check_transfer(config: mlc.ConfigDict, model: Any) -> None:
+    """With config.mask_from: the source mask's layers and shapes are this model's prunable kernels
+    (shapes only, nothing computed); ConfigError naming the layer otherwise."""
+    source = transfer.source(config)
+    if source is None:
+        return
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
+                                                          config.input_size))
+    flat = sparsity.flatten_params(shapes["params"])
+    transfer.check_shapes(source, {p: tuple(flat[p].shape)
+                                   for p in sparsity.prunable_paths(shapes["params"])})
+
+
+def prompt_spec(config: mlc.ConfigDict) -> prompts.PromptSpec:
+    """The visual prompt's geometry from config.prompt and config.input_size."""
+    return prompts.PromptSpec(method=config.prompt.method, input_size=config.input_size,
+                              output_size=config.prompt.output_size, pad_size=config.prompt.pad_size,
+                              mask_size=config.prompt.mask_size)
 
 
 def eval_batch_size(config: mlc.ConfigDict) -> int:
@@ -545,7 +575,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd,
                            "input_size": config.input_size,
                            "prompt": dataclasses.asdict(ctx.prompt_spec), "has_prompt": has_prompt,
                            "prompt_at_test": run.prompt_at_test,
-                           "without_prompt_at_start": end.start_accuracy is not None})
+                           "without_prompt_at_start": end.start_accuracy is not None,
+                           **({"mask_from": run.mask_from} if run.mask_from else {})})
     # process 0 read the test rows back and timed the compiles: every process reports its numbers
     best, compile_seconds = parallel.from_process_0([best, end.compile_seconds])
     with_prompt, without = accuracy["with_prompt"], accuracy["without_prompt"]
@@ -557,7 +588,8 @@ def _finish(ctx: Context, run: Run, end: runner.ChainEnd,
         epochs=end.epochs, gradient_steps=end.gradient_steps,
         seconds=end.seconds + time.perf_counter() - started,
         prompt_at_test=run.prompt_at_test and with_prompt is not None,
-        accuracy_best_on_test=best, images=end.images, compile_seconds=compile_seconds)
+        accuracy_best_on_test=best, images=end.images, compile_seconds=compile_seconds,
+        mask_from=run.mask_from)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -592,7 +624,8 @@ def _run(config: mlc.ConfigDict, workdir: str, writable: bool,
     for n, run in enumerate(ctx.runs, start=1):
         key = row_key(ctx.env.base_key, run)
         row = next((r for r in results["runs"] if r["method"] == run.method and
-                    r["sparsity"] == run.sparsity and r["seed"] == config.seed), None)
+                    r["sparsity"] == run.sparsity and r["seed"] == config.seed
+                    and r.get("mask_from", "") == run.mask_from), None)
         if row is not None and row.get("key") == key and not finalize:
             problem = _final_problem(workdir, run.name)
             if problem is None:
@@ -688,7 +721,7 @@ def evaluate_saved(ctx: Context) -> dict[str, Any]:
         if meta.get("without_prompt_at_start"):
             acc["without_prompt"] = None  # measured before the last stage trained; not in final/
         for r in results["runs"]:
-            if run_id(r["method"], r["sparsity"]) == name:
+            if run_id(r["method"], r["sparsity"], r.get("mask_from", "")) == name:
                 if acc["without_prompt"] is None:  # keep the recorded one (pilot rows)
                     acc["without_prompt"] = r["accuracy_without_prompt"]
                 r["accuracy_without_prompt"] = acc["without_prompt"]

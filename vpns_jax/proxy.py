@@ -25,12 +25,17 @@ def training_dir(out_path: str) -> str:
     return f"{out_path}.training"
 
 
+def input_size(config: mlc.ConfigDict) -> int:
+    """The image size (pixels) the proxy trains at: config.proxy.input_size, 0 = config.input_size."""
+    return int(config.proxy.input_size or config.input_size)
+
+
 def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None = None,
                 stops: preemption.StopRequests | None = None) -> dict:
     """Train `config.arch` (with `config.model` width/small_input, in float32) on
     `config.proxy.dataset` from scratch.
 
-    Dense SGD (momentum 0.9, L2 1e-4, cosine per epoch) at `config.input_size`, the dataset's own classes
+    Dense SGD (momentum 0.9, L2 1e-4, cosine per epoch) at `input_size(config)`, the dataset's own classes
     as the head. Checkpointed like a run's stages (every `config.checkpoint_every_epochs` epochs and
     `checkpoint_every_steps` iterations, and on a stop request) in `training_dir(out_path)`, so an
     interrupted proxy resumes. Writes `out_path` in the project weights format and returns its
@@ -45,10 +50,10 @@ def train_proxy(config: mlc.ConfigDict, out_path: str, *, data_dir: str | None =
     # weights, made once and shared, so float32 and bfloat16 runs start from the same weights.
     model = models.create(config.arch, **options)
     rng = jax.random.PRNGKey(config.seed)
-    variables = jax.device_get(models.init_variables(model, rng, config.input_size))
+    variables = jax.device_get(models.init_variables(model, rng, input_size(config)))
     mesh = parallel.make_mesh()
     info = parallel.process_info()
-    loader = data.train_loader(p.dataset, view="train", input_size=config.input_size,
+    loader = data.train_loader(p.dataset, view="train", input_size=input_size(config),
                                batch_size=p.batch_size, seed=config.seed, data_dir=data_dir,
                                shard_index=info.process_index, shard_count=info.process_count,
                                max_steps_per_epoch=p.steps_per_epoch,

@@ -20,15 +20,16 @@ def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: flo
                accuracy_without_prompt: float, epochs: list[int], gradient_steps: int,
                seconds: float, prompt_at_test: bool = False,
                accuracy_best_on_test: float | None = None, images: int | None = None,
-               compile_seconds: float | None = None) -> dict[str, Any]:
+               compile_seconds: float | None = None, mask_from: str = "") -> dict[str, Any]:
     """One row of `results.json` (accuracies as fractions in [0, 1]; `epochs` per stage of the run's
     chain, shared stages included; `gradient_steps`, `images` (training images read) and `seconds`
     the whole chain's cost; `compile_seconds` the sum of its stages' first iterations).
 
     accuracy_best_on_test: the released code's number, the maximum test accuracy over the
     evaluations of the last stage (config.eval_every_epochs) -- selected on the test set, never
-    the headline `accuracy`."""
-    return {
+    the headline `accuracy`. mask_from: '<dataset>/<RUN>' of a transferred mask (the row then
+    has that field; `vpns_jax.transfer`)."""
+    row = {
         "method": method, "arch": arch, "dataset": dataset, "seed": seed,
         "sparsity": float(sparsity), "actual_sparsity": float(actual_sparsity),
         "accuracy": float(accuracy),
@@ -40,6 +41,9 @@ def run_record(*, method: str, arch: str, dataset: str, seed: int, sparsity: flo
         "images": None if images is None else int(images),
         "compile_seconds": None if compile_seconds is None else float(compile_seconds),
     }
+    if mask_from:
+        row["mask_from"] = str(mask_from)
+    return row
 
 
 def load_results(workdir: str) -> dict[str, Any]:
@@ -86,10 +90,13 @@ def load_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def add_run(results: dict[str, Any], record: dict[str, Any]) -> None:
-    """Insert or replace the row with the same method, seed and sparsity; dense also fills 'dense'."""
-    key = (record["method"], record["seed"], record["sparsity"])
-    results["runs"] = [r for r in results["runs"]
-                       if (r["method"], r["seed"], r["sparsity"]) != key] + [record]
+    """Insert or replace the row with the same method, seed, sparsity (and mask_from); dense also
+    fills 'dense'."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r["method"], r["seed"], r["sparsity"], r.get("mask_from", "")
+
+    results["runs"] = [r for r in results["runs"] if key(r) != key(record)] + [record]
     if record["method"] == "dense":
         results["dense"] = {"accuracy": record["accuracy"],
                             "accuracy_with_prompt": record["accuracy_with_prompt"]}
@@ -107,6 +114,12 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def method_label(row: dict[str, Any]) -> str:
+    """The row's method as tables show it: 'vpns', or 'vpns (mask from digits/vpns_s0.9)'."""
+    source = row.get("mask_from")
+    return f"{row['method']} (mask from {source})" if source else row["method"]
+
+
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the runs: accuracy (%) without and with the prompt; `*` marks the one a
     method reports when that is the prompted one (VPNs w. X, the pilot). When rows have it, a last
@@ -122,7 +135,7 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
         epochs = "+".join(str(v) for v in stages)
         without = r.get("accuracy_without_prompt", r["accuracy"])
         with_prompt = _pct(r["accuracy_with_prompt"]) + ("*" if r.get("prompt_at_test") else "")
-        rows.append((r["method"], f"{r['sparsity']:.3f}", f"{r['actual_sparsity']:.4f}",
+        rows.append((method_label(r), f"{r['sparsity']:.3f}", f"{r['actual_sparsity']:.4f}",
                      _pct(without), with_prompt, epochs,
                      str(r["gradient_steps"]), f"{r['seconds']:.0f}")
                     + ((_pct(r.get("accuracy_best_on_test")),) if best else ())

@@ -26,10 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vpns_jax import checkpoint, parallel, preemption, prompts, sparsity, tb, train
+from vpns_jax import checkpoint, parallel, preemption, prompts, sparsity, tb, train, transfer
 from vpns_jax.errors import ConfigError, Diverged
 from vpns_jax.methods import channel_select
-from vpns_jax.methods.plan import InitPrompt, InitScores, LabelMap, MaskFrom, Rewind, Run
+from vpns_jax.methods.plan import (
+    InitPrompt,
+    InitScores,
+    LabelMap,
+    MaskFrom,
+    MaskFromRun,
+    Rewind,
+    Run,
+)
 from vpns_jax.sparsity import criteria
 from vpns_jax.train import state as train_state
 from vpns_jax.train import steps
@@ -190,6 +198,9 @@ def begin(env: Env, stage: Stage, state: train.TrainState, rng: jax.Array,
         elif isinstance(action, MaskFrom):
             masks = _mask_from(env, action, state, current, jax.random.fold_in(rng, index))
             current = masks
+        elif isinstance(action, MaskFromRun):  # a finished run's mask (vpns_jax.transfer)
+            masks = {p: jnp.asarray(m) for p, m in transfer.load_masks(action).items()}
+            current = masks
         elif isinstance(action, channel_select.InitChannelScores):
             state = state.replace(scores=channel_select.init_scores(
                 channel_groups(env, state), jax.random.fold_in(rng, index)))
@@ -234,7 +245,7 @@ def template(env: Env, stages: tuple[Stage, ...], upto: int, fresh: train.TrainS
                     groups = channel_groups(env, state)
                     masks = {p: jnp.ones(jnp.shape(m), bool) for p, m in train_state.expanded_masks(
                         groups, {g.name: jnp.ones((g.size,)) for g in groups}, state.params).items()}
-                elif isinstance(action, MaskFrom):
+                elif isinstance(action, (MaskFrom, MaskFromRun)):
                     masks = {p: jnp.ones(jnp.shape(w), bool)
                              for p, w in _prunable_template(state.params).items()}
             if stage.prompt_in_stage and not state.prompt:

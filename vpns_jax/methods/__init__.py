@@ -7,11 +7,14 @@ A method module (or any object) has
   configured sparsities, validating its options as it reads them;
 and optionally ``mask_source(config, sparsity) -> plan.MaskSource`` (how it makes a mask, for the
 methods that reuse it: VPNs w. X, the post-pruning-prompt pilot), ``levels(config)`` (its own sparsity
-series, LTH) and ``research(dataset) -> {dotted field: value}`` (the authors' per-dataset scripts).
+series, LTH), ``research(dataset) -> {dotted field: value}`` (the authors' per-dataset scripts) and
+``transfer(config, mask: plan.MaskSource, sparsity) -> plan.Run`` (its tuning stage on a given mask:
+`config.mask_from`, `vpns_jax.transfer`).
 `register` adds one; nothing else in the package needs to change.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections as mlc
@@ -78,12 +81,23 @@ def default_configs() -> dict[str, mlc.ConfigDict]:
 
 
 def runs(config: mlc.ConfigDict, name: str) -> list[Run]:
-    """The runs of method `name` under `config` (its options validated)."""
+    """The runs of method `name` under `config` (its options validated); with `config.mask_from`
+    its one run on that mask (`vpns_jax.transfer`)."""
+    from vpns_jax import transfer  # it reads checkpoints; imported here, not at package import
+
     method = get(name)
     if name not in config:
         raise ConfigError(f'config has no subtree config.{name} for method {name!r}; build the config '
                           'with vpns_jax.config.default_config() after registering the method.')
-    return list(method.plan(config))
+    source = transfer.source(config)
+    if source is None:
+        return list(method.plan(config))
+    if not hasattr(method, 'transfer'):
+        able = [n for n, m in REGISTRY.items() if hasattr(m, 'transfer')]
+        raise ConfigError(f'config.mask_from: method {name!r} has no tuning stage to run on a given '
+                          f'mask; the methods that tune a transferred mask: {", ".join(able)}.')
+    run = method.transfer(config, source.mask_source(), source.sparsity)
+    return [dataclasses.replace(run, mask_from=source.label)]
 
 
 def mask_source(config: mlc.ConfigDict, name: str, sparsity: float) -> Any:

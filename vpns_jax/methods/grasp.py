@@ -11,6 +11,7 @@ from vpns_jax.methods.plan import (
     Run,
     criterion_source,
     finetuned_runs,
+    finetuned_transfer,
     train_block,
 )
 
@@ -37,6 +38,10 @@ def mask_source(config: mlc.ConfigDict, sparsity: float) -> MaskSource:
 
 def plan(config: mlc.ConfigDict) -> list[Run]:
     return finetuned_runs(config, NAME, mask_source)
+
+
+# its tuning stage on a given mask (config.mask_from, vpns_jax.transfer)
+transfer = finetuned_transfer(NAME)
 
 
 def research(dataset: str) -> dict:

@@ -54,6 +54,22 @@ def mask_then_tune(opts: Options, density: float, *, mask_finding_passes: tuple[
                             prompt=tuning_prompt)
 
 
+def tune_given_mask(opts: Options, mask: MaskSource, *, passes: tuple[Pass, ...],
+                    prompt: GroupOptimizer) -> tuple[Stage, ...]:
+    """Transfer (`vpns_jax.transfer`): the tuning stage on a given mask, without mask finding. A
+    prompted stage starts from the zero prompt; the label mapping is made once the mask is set
+    (through the zero prompt when the passes are prompted), as mask finding's start does (§2)."""
+    prompted = any(p.prompted for p in passes)
+    start = mask.actions + ((InitPrompt(),) if prompted else ()) + (LabelMap(prompted),)
+    return mask.stages + (tuning_stage(opts, 'tuning', start=start, passes=passes, prompt=prompt),)
+
+
+def transfer(config: mlc.ConfigDict, mask: MaskSource, sparsity: float) -> Run:
+    """HYDRA's tuning stage on a given mask (config.mask_from)."""
+    return Run(NAME, sparsity, tune_given_mask(Options.of(config, NAME), mask, passes=UNPROMPTED,
+                                               prompt=FROZEN))
+
+
 def plan(config: mlc.ConfigDict) -> list[Run]:
     opts = Options.of(config, NAME)
     return [Run(NAME, s, mask_then_tune(opts, 1.0 - s, mask_finding_passes=UNPROMPTED,

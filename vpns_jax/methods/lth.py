@@ -21,6 +21,7 @@ from vpns_jax.methods.plan import (
     Rewind,
     Run,
     finetuned_runs,
+    finetuned_transfer,
     train_block,
     tuning_stage,
 )
@@ -84,6 +85,10 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
     """Every round 1..R is a run; round r's chain is round r−1's plus one round, so the shared
     stages run once and one LTH run gives the whole curve."""
     return finetuned_runs(config, NAME, mask_source, levels(config))
+
+
+# its tuning stage on a given mask (config.mask_from, vpns_jax.transfer)
+transfer = finetuned_transfer(NAME)
 
 
 def research(dataset: str) -> dict:

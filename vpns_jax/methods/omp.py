@@ -5,7 +5,16 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from vpns_jax.methods import dense
-from vpns_jax.methods.plan import MaskFrom, MaskSource, Options, Rewind, Run, finetuned_runs, train_block
+from vpns_jax.methods.plan import (
+    MaskFrom,
+    MaskSource,
+    Options,
+    Rewind,
+    Run,
+    finetuned_runs,
+    finetuned_transfer,
+    train_block,
+)
 
 NAME = 'omp'
 
@@ -22,6 +31,10 @@ def mask_source(config: mlc.ConfigDict, sparsity: float) -> MaskSource:
 
 def plan(config: mlc.ConfigDict) -> list[Run]:
     return finetuned_runs(config, NAME, mask_source)
+
+
+# its tuning stage on a given mask (config.mask_from, vpns_jax.transfer)
+transfer = finetuned_transfer(NAME)
 
 
 def research(dataset: str) -> dict:

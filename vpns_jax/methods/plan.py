@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections as mlc
@@ -61,6 +61,17 @@ class MaskFrom:
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskFromRun:
+    """The stage's fixed mask = a finished run's final mask (transfer, `vpns_jax.transfer`), read
+    from `path` (WORKDIR/final/RUN) and set on the current weights. The stage key holds `source`
+    ('<dataset>/<RUN>') and `digest` (sha256 of the mask), not the path."""
+
+    source: str
+    digest: str
+    path: str = dataclasses.field(default='', compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class InitChannelScores:
     """Channel scores: one f32[C] per channel group of `vpns_jax.structured`, torch's
     Kaiming-uniform init of the research code's out x 1 x 1 x 1 score tensors (fan_in 1, a = sqrt(5):
@@ -102,7 +113,8 @@ class Run:
 
     method: the row's method label; sparsity: its target sparsity; has_prompt: whether the run
     trains a prompt (the row then reports accuracy with it too); prompt_at_test: whether the row's
-    `accuracy` is the prompted one.
+    `accuracy` is the prompted one; mask_from: '<dataset>/<RUN>' of a transferred mask
+    (`vpns_jax.transfer`), '' otherwise.
     """
 
     method: str
@@ -113,10 +125,11 @@ class Run:
     # whole channels pruned: the row gets channel sparsity, params, FLOPs and the measured speedup
     # of the slimmed model, final/ the slimmed export; `sparsity` is the channel sparsity
     structured: bool = False
+    mask_from: str = ''
 
     @property
     def name(self) -> str:
-        return run_id(self.method, self.sparsity)
+        return run_id(self.method, self.sparsity, self.mask_from)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +141,11 @@ class MaskSource:
     actions: tuple[Any, ...]
 
 
-def run_id(method: str, sparsity: float) -> str:
-    """Directory-safe run name, e.g. 'vpns_s0.9'."""
-    return f'{method}_s{sparsity:g}'
+def run_id(method: str, sparsity: float, mask_from: str = '') -> str:
+    """Directory-safe run name, e.g. 'vpns_s0.9' ('vpns_s0.9_from_digits_vpns_s0.9' for a mask
+    transferred from digits/vpns_s0.9)."""
+    name = f'{method}_s{sparsity:g}'
+    return f'{name}_from_{mask_from.replace("/", "_")}' if mask_from else name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,6 +275,17 @@ def finetuned_runs(config: mlc.ConfigDict, method: str, mask_source: Any,
                             passes=UNPROMPTED)
         runs.append(Run(method, s, source.stages + (tune,)))
     return runs
+
+
+def finetuned_transfer(method: str) -> Callable[[mlc.ConfigDict, MaskSource, float], Run]:
+    """The `transfer` hook of a prune-then-fine-tune method: its tuning stage (label mapping of
+    the masked network first) on a given mask, at that mask's sparsity."""
+
+    def transfer(config: mlc.ConfigDict, mask: MaskSource, sparsity: float) -> Run:
+        (run,) = finetuned_runs(config, method, lambda _config, _s: mask, levels=(sparsity,))
+        return run
+
+    return transfer
 
 
 def criterion_source(config: mlc.ConfigDict, method: str, criterion: str,

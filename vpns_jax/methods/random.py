@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from vpns_jax.methods.plan import MaskSource, Options, Run, criterion_source, finetuned_runs, train_block
+from vpns_jax.methods.plan import (
+    MaskSource,
+    Options,
+    Run,
+    criterion_source,
+    finetuned_runs,
+    finetuned_transfer,
+    train_block,
+)
 
 NAME = 'random'
 
@@ -24,6 +32,10 @@ def mask_source(config: mlc.ConfigDict, sparsity: float) -> MaskSource:
 
 def plan(config: mlc.ConfigDict) -> list[Run]:
     return finetuned_runs(config, NAME, mask_source)
+
+
+# its tuning stage on a given mask (config.mask_from, vpns_jax.transfer)
+transfer = finetuned_transfer(NAME)
 
 
 def research(dataset: str) -> dict:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from vpns_jax.errors import ConfigError
 from vpns_jax.methods import hydra
-from vpns_jax.methods.plan import Options, Run, sparsity_levels, train_block
+from vpns_jax.methods.plan import MaskSource, Options, Run, sparsity_levels, train_block
 from vpns_jax.train.stages import FROZEN, UNPROMPTED, passes_preset
 
 NAME = 'vpns'
@@ -42,6 +43,20 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
         mask_finding_prompt=opts.prompt_optimizer('mask_finding') if in_mf else FROZEN,
         tuning_prompt=opts.prompt_optimizer('tuning') if in_tune else FROZEN),
         has_prompt=True, prompt_at_test=at_test) for s in sparsity_levels(config)]
+
+
+def transfer(config: mlc.ConfigDict, mask: MaskSource, sparsity: float) -> Run:
+    """VPNs' tuning stage on a given mask (config.mask_from): weights + prompt from the zero
+    prompt, with its passes, FLM through the zero prompt once the mask is set."""
+    opts = Options.of(config, NAME)
+    if opts.one_of('prompt_stages', PROMPT_STAGES) == 'mask_finding':
+        raise ConfigError("config.vpns.prompt_stages = 'mask_finding' trains the prompt only while "
+                          "finding the mask, and with config.mask_from the mask is given: use "
+                          "'both' or 'tuning'.")
+    passes = passes_preset(opts.one_of('passes', ('two', 'prompted_only')))
+    return Run(NAME, sparsity, hydra.tune_given_mask(opts, mask, passes=passes,
+                                                     prompt=opts.prompt_optimizer('tuning')),
+               has_prompt=True, prompt_at_test=opts.flag('at_test'))
 
 
 def research(dataset: str) -> dict:

@@ -1,0 +1,17 @@
+r"""Ablation sweep: every variant of configs/ablations/input_size.py over seeds 0, 1, 2.
+
+One cell per variant and seed; each variant trains its copy of the proxy source model once (the
+base config's seed), so every seed of a variant starts from the same model.
+
+Commands:
+  python -m vpns_jax.sweep --sweep configs/sweeps/ablation_input_size.py \
+      --dir workdirs/sweeps/ablation_input_size
+  python -m vpns_jax.sweep summarize --dir workdirs/sweeps/ablation_input_size
+"""
+
+from vpns_jax import ablations
+from vpns_jax.sweep import Sweep
+
+
+def get_sweep():
+    return Sweep(configs=ablations.sweep_configs('input_size'), seeds=(0, 1, 2))

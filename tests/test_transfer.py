@@ -1,0 +1,181 @@
+"""Transfer (paper Fig. 6): a finished run's mask tuned on another task (`config.mask_from`).
+
+One tiny VPNs source run on digits (session proxy weights, 2 steps per epoch, 1 + 1 epochs, sparsity
+0.9); then VPNs and HYDRA tune its mask on digits at another seed (another data order, another
+label mapping pass): every tuned mask equals the source's, layer by layer and bit for bit, the
+weights the mask removes are zero, and the rows name their source. The bad inputs are one line each,
+before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from test_experiment import FASHION, small_config
+
+from vpns_jax import checkpoint, experiment, methods, models, report, transfer
+from vpns_jax import config as config_lib
+from vpns_jax.errors import CheckpointError, ConfigError
+from vpns_jax.methods.plan import InitPrompt, LabelMap, MaskFromRun
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FASHION),
+    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it as root)")
+
+SOURCE_RUN = "vpns_s0.9"
+
+
+def _tiny(weights: str) -> object:
+    c = small_config(weights)
+    c.sparsities = (0.9,)
+    c.steps_per_epoch = 2
+    c.vpns.mask_finding.epochs = c.vpns.tuning.epochs = 1
+    c.hydra.tuning.update(epochs=1, lr=0.05)
+    c.plots = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, proxy_weights):
+    """(config, workdir) of the finished tiny source run."""
+    c = _tiny(proxy_weights)
+    workdir = str(tmp_path_factory.mktemp("transfer") / "src")
+    experiment.run(c, workdir)
+    return c, workdir
+
+
+def _target(source, **fields) -> object:
+    c, workdir = source
+    t = c.copy_and_resolve_references()
+    t.seed = 11
+    t.mask_from = os.path.join(workdir, "final", SOURCE_RUN)
+    for k, v in fields.items():
+        config_lib.apply_overrides(t, {k: v})
+    return t
+
+
+@pytest.fixture(scope="module")
+def transferred(source, tmp_path_factory):
+    t = _target(source, methods="vpns,hydra")
+    workdir = str(tmp_path_factory.mktemp("transfer") / "dst")
+    return t, workdir, experiment.run(t, workdir)
+
+
+def _masks(workdir: str, run: str) -> dict[str, np.ndarray]:
+    tree, _ = checkpoint.load_final(os.path.join(workdir, "final", run))
+    return tree, {p: np.asarray(m, bool) for p, m in tree["masks"].items()}
+
+
+def test_tuned_masks_equal_the_source_mask(source, transferred):
+    _, src_dir = source
+    t, dst_dir, results = transferred
+    _, src = _masks(src_dir, SOURCE_RUN)
+    src_row = report.load_results(src_dir)["runs"][0]
+    rows = {r["method"]: r for r in results["runs"]}
+    assert set(rows) == {"vpns", "hydra"}
+    for method, row in rows.items():
+        name = f"{method}_s0.9_from_digits_{SOURCE_RUN}"
+        tree, tuned = _masks(dst_dir, name)
+        assert sorted(tuned) == sorted(src) and len(tuned) == 21
+        for path in src:  # every layer, bit for bit (and so the exact counts)
+            assert tuned[path].shape == src[path].shape, path
+            assert np.array_equal(tuned[path], src[path]), path
+        flat = {p: np.asarray(v) for p, v in _flat(tree["params"]).items()}
+        assert all(not flat[p][~src[p]].any() for p in src)  # the removed weights are zero
+        assert row["mask_from"] == f"digits/{SOURCE_RUN}" and row["seed"] == 11
+        assert row["sparsity"] == 0.9 and row["actual_sparsity"] == src_row["actual_sparsity"]
+        assert row["epochs"] == [1]  # the tuning stage only: no mask finding, no dense fine-tune
+    # VPNs: two passes per iteration, the prompt trained from zero; HYDRA: one pass, no prompt
+    assert rows["vpns"]["gradient_steps"] == 2 * 2 and rows["vpns"]["accuracy_with_prompt"] is not None
+    assert rows["hydra"]["gradient_steps"] == 2 and rows["hydra"]["accuracy_with_prompt"] is None
+    vpns_tree, _ = _masks(dst_dir, f"vpns_s0.9_from_digits_{SOURCE_RUN}")
+    assert np.abs(vpns_tree["prompt"]["program"]).sum() > 0
+    # the tuning changed the surviving weights (the source's tuned weights are not copied)
+    src_tree, _ = _masks(src_dir, SOURCE_RUN)
+    a, b = _flat(src_tree["params"]), _flat(vpns_tree["params"])
+    assert not np.array_equal(np.asarray(a["conv1/kernel"]), np.asarray(b["conv1/kernel"]))
+    table = report.format_table(results["runs"])
+    assert f"vpns (mask from digits/{SOURCE_RUN})" in table
+
+
+def _flat(tree):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def test_transfer_is_part_of_the_resume_check(source, transferred):
+    t, dst_dir, _ = transferred
+    c, src_dir = source
+    # the field changes every key; at '' it is left out, so older workdirs keep their keys
+    assert "mask_from" in experiment.config_fingerprint(t)
+    assert "mask_from" not in experiment.config_fingerprint(c)
+    assert experiment.base_key(t) != experiment.base_key(_target(source, mask_from=""))
+    other = _target(source, methods="vpns,hydra", mask_from=os.path.join(src_dir, SOURCE_RUN))
+    with pytest.raises(CheckpointError, match="mask_from"):
+        experiment.run(other, dst_dir)
+
+
+def test_every_method_with_a_tuning_stage_plans_one_run_on_the_mask(source):
+    t = _target(source)
+    src = transfer.source(t)
+    for name in methods.names():
+        method = methods.get(name)
+        if not hasattr(method, "transfer"):
+            continue
+        (run,) = methods.runs(t, name)
+        assert (run.sparsity, run.mask_from) == (0.9, f"digits/{SOURCE_RUN}"), name
+        (stage,) = run.stages
+        assert stage.mask_mode == "fixed" and stage.start[0] == MaskFromRun(
+            f"digits/{SOURCE_RUN}", src.digest), name
+        prompted = any(p.prompted for p in stage.passes)
+        assert stage.start[-1] == LabelMap(prompted), name
+        assert (InitPrompt() in stage.start) == prompted == (name == "vpns"), name
+    assert {n for n in methods.names() if hasattr(methods.get(n), "transfer")} >= {
+        "vpns", "hydra", "omp", "lth", "random", "snip", "grasp", "synflow"}
+
+
+def _error(config) -> str:
+    with pytest.raises(ConfigError) as e:
+        experiment.plan(config)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_sources_are_one_line_before_training(source, tmp_path):
+    c, src_dir = source
+    missing = str(tmp_path / "nowhere" / SOURCE_RUN)
+    assert "the source workdir" in _error(_target(source, mask_from=missing))
+    assert "does not exist" in _error(_target(source, mask_from=missing))
+    msg = _error(_target(source, mask_from=os.path.join(src_dir, "vpns_s0.5")))
+    assert "has no finished run 'vpns_s0.5'" in msg and f"its finished runs: {SOURCE_RUN}" in msg
+    assert "is a workdir; name one of its finished runs" in _error(
+        _target(source, mask_from=src_dir))
+    broken = tmp_path / "broken"
+    os.makedirs(broken / "final" / SOURCE_RUN)
+    assert "not finished or its final state is unreadable" in _error(
+        _target(source, mask_from=str(broken / "final" / SOURCE_RUN)))
+    msg = _error(_target(source, arch="resnet34"))
+    assert "the source mask is of a resnet18 and config.arch = 'resnet34'" in msg
+    msg = _error(_target(source, **{"model.width": 0.5}))
+    assert "width=0.25 and config.model.width = 0.5" in msg
+    msg = _error(_target(source, methods="bip"))
+    assert "method 'bip' has no tuning stage" in msg and "vpns, hydra" in msg
+    msg = _error(_target(source, **{"vpns.prompt_stages": "mask_finding"}))
+    assert "prompt_stages = 'mask_finding'" in msg
+
+
+def test_a_mask_of_other_shapes_is_refused_naming_the_layer(source):
+    t = _target(source)
+    seven = models.create("resnet18", 7, width=0.25)  # another number of source classes: fc differs
+    with pytest.raises(ConfigError, match=r"layer fc/kernel has shape \(128, 10\) in the source "
+                                          r"mask and \(128, 7\) in this model"):
+        experiment._check_transfer(t, seven)
+    experiment._check_transfer(t, models.create("resnet18", 10, width=0.25))  # the same model: fine
+    src = transfer.source(t)
+    fewer = dataclasses.replace(src, masks={p: m for p, m in src.masks.items() if p != "conv1/kernel"})
+    with pytest.raises(ConfigError, match="the source mask has no layer conv1/kernel"):
+        transfer.check_shapes(fewer, {p: m.shape for p, m in src.masks.items()})
