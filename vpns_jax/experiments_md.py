@@ -188,8 +188,7 @@ def build(directory: str, *, figure_path: str | None = None, out_dir: str = ".")
                   method_table(with_prompt, "accuracy_with_prompt"), ""]
     if figure_path:
         from vpns_jax import figures
-        path = figures.accuracy_vs_sparsity(summary, figure_path,
-                                            title="Offline proxy: digits from a Fashion-MNIST source")
+        path = figures.accuracy_vs_sparsity(summary, figure_path)
         parts += [f"![accuracy against sparsity]({os.path.relpath(path, out_dir)})", ""]
     parts += ["### Seed noise against the spread between methods", "",
               "| sparsity | methods | spread of means (pp) | largest seed std (pp) | median seed std (pp) "
