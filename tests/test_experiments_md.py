@@ -127,8 +127,11 @@ def test_document_tables_and_unfinished_sweep(tmp_path):
 def test_cli_writes_file_and_refuses_a_non_sweep(tmp_path, capsys):
     directory = _sweep(tmp_path / "s")
     out = tmp_path / "EXPERIMENTS.md"
-    assert experiments_md.main(["--dir", directory, "--out", str(out), "--figure", ""]) == 0
-    assert out.read_text().startswith("# Experiments")
+    figure = tmp_path / "figures" / "acc.png"
+    assert experiments_md.main(["--dir", directory, "--out", str(out), "--figure", str(figure)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Experiments") and "![accuracy against sparsity](figures/acc.png)" in text
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert experiments_md.main(["--dir", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "sweep.json is missing" in err and len(err.splitlines()) == 1
