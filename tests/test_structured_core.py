@@ -236,7 +236,7 @@ def test_ste_gradient_is_sign_times_mask_gradient():
         out = ch.expand([g1, g2], masks, params)
         return sum(jnp.sum(weights[p] * params[p] * out.get(p, 1.0)) for p in params)
 
-    grads = jax.grad(lambda s: loss(ch.channel_ste_masks(s, [g1, g2], 0.4)))(scores)
+    grads = jax.jit(jax.grad(lambda s: loss(ch.channel_ste_masks(s, [g1, g2], 0.4))))(scores)
     gw = {p: weights[p] * params[p] for p in params}
     hard = ch.channel_threshold(scores, [g1, g2], 0.4)  # 2 of 5 pruned: c1[2] (0), c2[1] (0.3)
     assert _ints(hard) == {"c1": [1, 1, 0], "c2": [1, 0]}

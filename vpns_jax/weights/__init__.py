@@ -237,7 +237,8 @@ def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
          torch_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write variables in the project format; returns the metadata written.
 
-    options: kwargs of `models.create` (num_classes, width, small_input). source: a file path (its
+    options: kwargs of `models.create` (num_classes, width, small_input, and widths for a slimmed
+    network). source: a file path (its
     name and sha256 are recorded), a dict (recorded as is, e.g. {'proxy': 'fashion_mnist'}), or
     None.
     torch_meta: {'num_batches_tracked', 'source_dtypes'} from conversion (restored by export).
@@ -247,6 +248,8 @@ def save(path: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
     opts = {"num_classes": int(options.get("num_classes", 1000)),
             "width": float(options.get("width", 1.0)),
             "small_input": bool(options.get("small_input", False))}
+    if options.get("widths"):  # a slimmed network (vpns_jax.structured.slim)
+        opts["widths"] = {str(k): int(v) for k, v in dict(options["widths"]).items()}
     meta = {"format_version": FORMAT_VERSION, "arch": arch, "options": opts,
             "source": _source_meta(source), **dict(torch_meta or {})}
     from safetensors.numpy import save_file
