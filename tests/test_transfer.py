@@ -136,6 +136,8 @@ def test_every_method_with_a_tuning_stage_plans_one_run_on_the_mask(source):
         assert (InitPrompt() in stage.start) == prompted == (name == "vpns"), name
     assert {n for n in methods.names() if hasattr(methods.get(n), "transfer")} >= {
         "vpns", "hydra", "omp", "lth", "random", "snip", "grasp", "synflow"}
+    (dense,) = methods.runs(t, "dense")  # no mask: the usual dense reference row
+    assert dense.mask_from == "" and dense == methods.runs(_target(source, mask_from=""), "dense")[0]
 
 
 def _error(config) -> str:

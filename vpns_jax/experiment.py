@@ -478,7 +478,7 @@ def _structured_fields(ctx: Context, run: Run, state: train.TrainState) -> dict[
     variables = {"params": train.state.zero_pruned(state.params, masks) if masks else state.params,
                  "batch_stats": state.batch_stats}
     export = (os.path.join(ctx.workdir, structured_rows.SLIM_DIR, run.name)
-              if ctx.primary and ctx.writable else None)
+              if run.structured and ctx.primary and ctx.writable else None)
     options = {**ctx.weights_meta["options"], "num_classes": int(ctx.model.num_classes)}
     fields = structured_rows.row_fields(
         ctx.model, variables, masks, input_size=ctx.config.input_size,

@@ -9,7 +9,8 @@ and optionally ``mask_source(config, sparsity) -> plan.MaskSource`` (how it make
 methods that reuse it: VPNs w. X, the post-pruning-prompt pilot), ``levels(config)`` (its own sparsity
 series, LTH), ``research(dataset) -> {dotted field: value}`` (the authors' per-dataset scripts) and
 ``transfer(config, mask: plan.MaskSource, sparsity) -> plan.Run`` (its tuning stage on a given mask:
-`config.mask_from`, `vpns_jax.transfer`).
+`config.mask_from`, `vpns_jax.transfer`; ``MASKLESS = True``: a method without a mask, dense, that
+runs as usual beside a transfer as its reference).
 `register` adds one; nothing else in the package needs to change.
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ def runs(config: mlc.ConfigDict, name: str) -> list[Run]:
         raise ConfigError(f'config has no subtree config.{name} for method {name!r}; build the config '
                           'with vpns_jax.config.default_config() after registering the method.')
     source = transfer.source(config)
-    if source is None:
+    if source is None or getattr(method, 'MASKLESS', False):  # dense: the transfer's reference
         return list(method.plan(config))
     if not hasattr(method, 'transfer'):
         able = [n for n, m in REGISTRY.items() if hasattr(m, 'transfer')]

@@ -11,6 +11,7 @@ from vpns_jax.methods.plan import LabelMap, Options, Run, train_block
 from vpns_jax.train.stages import UNPROMPTED, Stage
 
 NAME = 'dense'
+MASKLESS = True  # with config.mask_from it runs as usual: the dense reference of a transfer (Fig. 6)
 
 
 def default_config() -> mlc.ConfigDict:
