@@ -26,6 +26,7 @@ ResNet's full-resolution stem and layer1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -79,18 +80,25 @@ def channel_groups(model: nn.Module, variables: Mapping[str, Any],
 
     variables: {'params', 'batch_stats'} (arrays or ShapeDtypeStructs; only shapes are read).
     input_size: the image side the model runs at (pixels). Other models → ConfigError naming the
-    supported architectures.
+    supported architectures. Cached per model and variable shapes (a trace costs ~0.5-1 s).
     """
     if not isinstance(model, ResNet | VGG):
         raise ConfigError(f"structured pruning has no channel-group definition for "
                           f"{type(model).__name__}; supported: {', '.join(SUPPORTED_ARCHS)}")
     traced = model.clone(conv_impl="xla", dtype=jnp.float32)
-    names, leaves = [], []
-    for col in ("params", "batch_stats"):
-        for path, leaf in traverse_util.flatten_dict(dict(variables.get(col) or {}),
-                                                     sep="/").items():
-            names.append(f"{col}/{path}")
-            leaves.append(jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.float32))
+    shapes = tuple((f"{col}/{path}", tuple(int(d) for d in jnp.shape(leaf)))
+                   for col in ("params", "batch_stats")
+                   for path, leaf in traverse_util.flatten_dict(dict(variables.get(col) or {}),
+                                                                sep="/").items())
+    return _traced_groups(traced, shapes, int(input_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_groups(model: nn.Module, shapes: tuple[tuple[str, tuple[int, ...]], ...],
+                   input_size: int) -> tuple[ChannelGroup, ...]:
+    """channel_groups of `model` (XLA convs, float32) for variables of these shapes (cached)."""
+    names = [name for name, _ in shapes]
+    leaves = [jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in shapes]
 
     def forward(flat: Sequence[jax.Array], x: jax.Array) -> jax.Array:
         tree: dict[str, dict] = {"params": {}, "batch_stats": {}}
@@ -98,14 +106,13 @@ def channel_groups(model: nn.Module, variables: Mapping[str, Any],
             col, path = name.split("/", 1)
             tree[col][path] = value
         tree = {c: traverse_util.unflatten_dict(v, sep="/") for c, v in tree.items()}
-        return traced.apply(tree, x, train=False)
+        return model.apply(tree, x, train=False)
 
-    x = jax.ShapeDtypeStruct((2, int(input_size), int(input_size), 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, input_size, input_size, 3), jnp.float32)
     closed = jax.make_jaxpr(forward)(leaves, x)
     flow = _Flow()
-    env_in = [_Param(name) for name in names] + [_Act(None, None)]
-    flow.walk(closed.jaxpr, env_in)
-    return flow.groups(model, int(input_size))
+    flow.walk(closed.jaxpr, [_Param(name) for name in names] + [_Act(None, None)])
+    return flow.groups(model, input_size)
 
 
 # ---- the data-flow pass ---------------------------------------------------------------------
