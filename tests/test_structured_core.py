@@ -271,6 +271,20 @@ def test_expand_shapes_and_positions():
     np.testing.assert_array_equal(out["features_0/bias"], masks[first.name])
     summary = ch.channel_sparsity_summary(groups, masks)
     kept = sum(int(np.asarray(m).sum()) for m in masks.values())
-    assert summary["total"] == {"channels": sum(g.size for g in groups), "kept": kept,
-                                "sparsity": 1 - kept / sum(g.size for g in groups)}
+    total = sum(g.size for g in groups)
+    assert summary["total"] == {"channels": total, "kept": kept, "sparsity": 1 - kept / total,
+                                "conv_channels": total, "conv_kept": kept,
+                                "conv_sparsity": 1 - kept / total}  # VGG: one conv per group
     assert summary["groups"][first.name]["layers"] == ["features_0"]
+
+
+def test_summary_counts_residual_channels_per_conv(resnet18):
+    _, variables, groups = resnet18
+    masks = {g.name: np.arange(g.size) < g.size // 2 for g in groups}  # half of every group
+    total = ch.channel_sparsity_summary(groups, masks)["total"]
+    convs = _conv_paths(variables)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    conv_channels = sum(flat[p].shape[-1] for p in convs)
+    assert (total["channels"], total["kept"]) == (sum(g.size for g in groups),
+                                                  sum(g.size // 2 for g in groups))
+    assert (total["conv_channels"], total["conv_kept"]) == (conv_channels, conv_channels // 2)

@@ -11,7 +11,9 @@ group gives the score gradient by autodiff.
 
 Selection rule (`channel_threshold`), exact and deterministic:
 - k = floor(sparsity · total channels + 1e-6) channels are pruned, exactly (the 1e-6 absorbs the
-  float error of 1 − density, as `sparsity.criteria.num_kept`).
+  float error of 1 − density, as `sparsity.criteria.num_kept`). Total channels = Σ group sizes: a
+  residual group's channel counts once, though pruning it removes one output channel of each of its
+  producers (`channel_sparsity_summary` reports both counts).
 - Channels are ranked by |score| ascending; ties: the channel earlier in group order (groups in
   forward order, channels by index) ranks lower, i.e. is pruned first.
 - A capped group prunes at most floor(cap · size + 1e-6) channels: when the global threshold would
@@ -215,14 +217,25 @@ def expand(groups: Sequence[ChannelGroup], channel_masks: Mapping[str, jax.Array
 
 def channel_sparsity_summary(groups: Sequence[ChannelGroup],
                              channel_masks: Mapping[str, jax.Array]) -> dict:
-    """{'total': {'channels', 'kept', 'sparsity'}, 'groups': {name: {'size', 'kept', 'sparsity',
-    'layers'}}} of the kept (nonzero) channels; plain Python numbers for the results rows."""
-    rows, total, kept = {}, 0, 0
+    """Kept (nonzero) channels, plain Python numbers for the results rows:
+    {'total': {'channels', 'kept', 'sparsity', 'conv_channels', 'conv_kept', 'conv_sparsity'},
+     'groups': {name: {'size', 'kept', 'sparsity', 'layers'}}}.
+
+    'channels' counts each group's channels once (the unit of `channel_threshold`'s sparsity);
+    'conv_channels' counts the output channels of every conv (a residual group's channel once per
+    producer, downsample convs included), the unit of the reference's per-conv masks.
+    """
+    rows = {}
+    total = kept = conv_total = conv_kept = 0
     for g in groups:
         k = int(np.count_nonzero(np.asarray(channel_masks[g.name])))
         rows[g.name] = {"size": g.size, "kept": k, "sparsity": 1.0 - k / g.size,
                         "layers": [p.rsplit("/", 1)[0] for p in g.producers]}
         total, kept = total + g.size, kept + k
+        conv_total += g.size * len(g.producers)
+        conv_kept += k * len(g.producers)
     return {"total": {"channels": total, "kept": kept,
-                      "sparsity": 1.0 - kept / total if total else 0.0},
+                      "sparsity": 1.0 - kept / total if total else 0.0,
+                      "conv_channels": conv_total, "conv_kept": conv_kept,
+                      "conv_sparsity": 1.0 - conv_kept / conv_total if conv_total else 0.0},
             "groups": rows}
