@@ -8,6 +8,9 @@ Writes a torchvision-layout state dict whose pruned weights are exact zeros (loa
 run's predictions: the binary masks (uint8, torchvision keys and layouts), the visual prompt (3×H×W, add it
 to the border of [0,1] images before clamping and normalizing) and the label mapping (downstream class c
 → source logit `label_map[c]`). `--format vpns` writes the project's own weights format instead.
+`--format slim --out DIR` copies a structured run's physically slimmed network (WORKDIR/slim/RUN:
+`slim.safetensors`, `widths.json`, `slim_vpns.safetensors`; load it in PyTorch with
+`vpns_jax.structured.torch_slim.load_slim(DIR)`); for an unstructured run it is a one-line error.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def export_run(workdir: str, run: str, out: str, *, fmt: str = "torchvision") ->
     if run not in runs:
         raise VpnsError(f"no finished run {run!r} in {workdir}/final; finished runs: "
                         f"{', '.join(runs) or 'none'} (train first, or pick one of these)")
+    if fmt == "slim":
+        return _copy_slim(workdir, run, out)
     check_writable(out)
     tree, meta = checkpoint.load_final(os.path.join(workdir, "final", run))
     options = {**meta["options"], "num_classes": int(meta.get("num_outputs",
@@ -75,6 +80,27 @@ def export_run(workdir: str, run: str, out: str, *, fmt: str = "torchvision") ->
         save_file(extras, extras_path,
                   metadata={"vpns_jax": json.dumps({**source, **_prompt_meta(meta)})})
     return [out, extras_path]
+
+
+def _copy_slim(workdir: str, run: str, out: str) -> list[str]:
+    """Copy the slimmed export of structured run `run` (WORKDIR/slim/RUN) into folder `out`."""
+    import shutil
+
+    from vpns_jax.structured import slim
+    from vpns_jax.structured_rows import SLIM_DIR
+
+    source = os.path.join(workdir, SLIM_DIR, run)
+    if not os.path.isdir(source):
+        slim.ensure_structured(run, None)  # the one-line error: only structured runs slim
+    if os.path.isfile(out):
+        raise VpnsError(f"--out {out} is a file; --format slim writes a folder (widths.json and "
+                        "weights), give a folder path")
+    check_writable(os.path.join(out, slim.TORCH_FILE))
+    written = []
+    for name in sorted(os.listdir(source)):
+        with _writing(os.path.join(out, name)):
+            written.append(shutil.copy2(os.path.join(source, name), os.path.join(out, name)))
+    return written
 
 
 def check_writable(out: str) -> None:
@@ -134,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--run", help="e.g. vpns_s0.9 (see --list)")
-    parser.add_argument("--out", help="output .safetensors or .pth")
-    parser.add_argument("--format", choices=("torchvision", "vpns"), default="torchvision")
+    parser.add_argument("--out", help="output .safetensors or .pth (--format slim: a folder)")
+    parser.add_argument("--format", choices=("torchvision", "vpns", "slim"), default="torchvision")
     parser.add_argument("--list", action="store_true", help="list the finished runs")
     args = parser.parse_args(argv)
     try:
