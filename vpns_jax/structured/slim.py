@@ -196,7 +196,8 @@ def export_slim(out_dir: str, slim_variables: Mapping[str, Any], widths: Mapping
             "source": dict(source or {})}
     widths_path = os.path.join(out_dir, WIDTHS_FILE)
     with export_lib._writing(widths_path), open(widths_path, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
+        json.dump(info, f, indent=1, sort_keys=True,
+                  default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     vpns_path = os.path.join(out_dir, VPNS_FILE)
     with export_lib._writing(vpns_path):
         weights_lib.save(vpns_path, arch, variables, options=options, source=dict(source or {}))
