@@ -181,3 +181,19 @@ def test_a_mask_of_other_shapes_is_refused_naming_the_layer(source):
     fewer = dataclasses.replace(src, masks={p: m for p, m in src.masks.items() if p != "conv1/kernel"})
     with pytest.raises(ConfigError, match="the source mask has no layer conv1/kernel"):
         transfer.check_shapes(fewer, {p: m.shape for p, m in src.masks.items()})
+
+
+def test_eval_mode_re_evaluates_the_transferred_row(transferred):
+    """mode=eval finds the transfer's final state by its run name (with its source) and rewrites
+    its row: a spoiled accuracy in results.json comes back exactly."""
+    t, dst_dir, results = transferred
+    saved = report.load_results(dst_dir)
+    (row,) = saved["runs"]
+    row["accuracy"] = row["accuracy_with_prompt"] = -1.0
+    report.save_results(dst_dir, saved)
+    e = t.copy_and_resolve_references()
+    e.mode = "eval"
+    (again,) = experiment.run(e, dst_dir)["runs"]
+    (first,) = results["runs"]
+    assert again["accuracy"] == first["accuracy"]
+    assert again["accuracy_with_prompt"] == first["accuracy_with_prompt"]
