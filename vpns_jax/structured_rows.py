@@ -12,6 +12,7 @@ benchmark (benchmarks/structured.py, BENCHMARKS.md) measures it on a quiet machi
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -30,6 +31,13 @@ REPEATS = 10
 SLIM_DIR = 'slim'  # WORKDIR/slim/<run>/: the slimmed export of a structured run
 
 
+@functools.lru_cache(maxsize=8)
+def _forward(model: Any) -> Any:
+    """The jitted eval-mode forward of `model` (one trace per model, e.g. the dense one of every
+    row of an experiment)."""
+    return jax.jit(functools.partial(model.apply, train=False))
+
+
 def latencies(pairs: Sequence[tuple[Any, Any]], *, batch: int, input_size: int,
               repeats: int = REPEATS, warmup: int = WARMUP) -> list[float]:
     """Median seconds of one eval-mode forward of a [batch, input_size, input_size, 3] input
@@ -37,7 +45,7 @@ def latencies(pairs: Sequence[tuple[Any, Any]], *, batch: int, input_size: int,
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, input_size, input_size, 3), jnp.float32)
     fns = []
     for model, variables in pairs:
-        fn = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+        fn = _forward(model)
         variables = jax.device_put(variables)
         for _ in range(warmup):
             fn(variables, x).block_until_ready()
