@@ -223,6 +223,18 @@ def structured_run(proxy_weights, tmp_path_factory):
     return c, workdir, {r['method']: r for r in results['runs']}
 
 
+def test_finalize_restores_a_finished_channel_run_from_its_checkpoint(structured_run):
+    """mode=finalize restores the channel VPNs tuning stage (its state template has the channel
+    scores and the expanded channel masks) and rebuilds the same row without training."""
+    config, workdir, rows = structured_run
+    c = config.copy_and_resolve_references()
+    c.methods, c.mode = 'channel_vpns', 'finalize'
+    (row,) = [r for r in experiment.run(c, workdir)['runs'] if r['method'] == 'channel_vpns']
+    for key in ('accuracy', 'accuracy_with_prompt', 'actual_sparsity', 'channel_sparsity',
+                'params', 'flops'):
+        assert row[key] == rows['channel_vpns'][key], key
+
+
 def _groups(config):
     model = models.create('resnet18', 10, width=config.model.width)
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), 32))
