@@ -350,6 +350,7 @@ def test_bad_input_is_one_clear_line():
     cases = [
         (lambda: methods.runs(_config(arch='mobilenet_v2'), 'slim'),
          r"config.arch = 'mobilenet_v2'.*resnet18, resnet34, resnet50, vgg16, vgg16_bn"),
+        (lambda: methods.runs(_config(arch='vgg16'), 'slim'), r"'vgg16' has no BatchNorm.*vgg16_bn"),
         (lambda: methods.runs(_config(**{'depgraph.cap': 1.5}), 'depgraph'),
          r'config.depgraph.cap = 1.5'),
         (lambda: methods.runs(_config(**{'slim.scope': 'block'}), 'slim'),

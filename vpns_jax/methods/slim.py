@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from vpns_jax.errors import ConfigError
 from vpns_jax.methods import channel_select
 from vpns_jax.methods.plan import (
     ChannelMaskFrom,
@@ -47,6 +48,9 @@ def default_config() -> mlc.ConfigDict:
 def plan(config: mlc.ConfigDict) -> list[Run]:
     opts = Options.of(config, NAME)
     channel_select.check_arch(config.arch, NAME)
+    if config.arch == 'vgg16':
+        raise ConfigError("config.arch = 'vgg16' has no BatchNorm, and Slim prunes by BatchNorm "
+                          "scales; use vgg16_bn, or method depgraph / channel_vpns.")
     cap, scope = channel_select.selection_options(opts)
     options = (('normalizer', opts.one_of('normalizer', channel_select.NORMALIZERS)),
                ('reduction', opts.one_of('reduction', channel_select.REDUCTIONS)))
