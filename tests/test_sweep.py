@@ -57,6 +57,13 @@ def test_group_rows_mean_std_n_and_markdown():
         "| digits | resnet18 | dense | 0.000 | 1 | 97.00 | - | 0.0000 |",
         "| digits | resnet18 | hydra | 0.900 | 2 | 55.00 ± 7.07 | - | 0.9000 ± 0.0001 |",
         "| digits | resnet18 | vpns | 0.900 | 3 | 80.00 ± 10.00 | 90.00 ± 7.07 | 0.9000 ± 0.0000 |"]
+    # a transferred mask's row (same method, sparsity and seed) is a group of its own
+    moved = {**_row("vpns", 0.9, 0, 0.5), "mask_from": "fashion_mnist/vpns_s0.9"}
+    groups = aggregate.group_rows(rows + [moved])
+    assert [(g["method"], g["mask_from"], g["n"]) for g in groups][-2:] == [
+        ("vpns", "", 3), ("vpns", "fashion_mnist/vpns_s0.9", 1)]
+    assert "| vpns (mask from fashion_mnist/vpns_s0.9) | 0.900 | 1 | 50.00 |" in \
+        aggregate.markdown_table(groups)
 
 
 def test_summary_lists_missing_rows_and_separates_configs(tmp_path):

@@ -22,7 +22,8 @@ from vpns_jax import workdir as workdir_lib
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 METRICS = ("accuracy", "accuracy_with_prompt", "accuracy_without_prompt", "actual_sparsity")
-GROUP_KEY = ("config", "dataset", "arch", "method", "sparsity")
+GROUP_KEY = ("config", "dataset", "arch", "method", "sparsity", "mask_from")
+_OPTIONAL = ("config", "mask_from")  # '' when a row has none
 
 
 def stats(values: Sequence[float | None]) -> dict[str, Any] | None:
@@ -35,16 +36,17 @@ def stats(values: Sequence[float | None]) -> dict[str, Any] | None:
 
 
 def group_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary per (config, dataset, arch, method, sparsity) of results rows (`report.run_record`
-    rows, plus 'config': the sweep's config name, '' when there is one): seeds, and `stats` of each of
+    """One summary per (config, dataset, arch, method, sparsity, mask_from) of results rows
+    (`report.run_record` rows, plus 'config': the sweep's config name, '' when there is one; a
+    transferred mask's rows, 'mask_from', are a group of their own): seeds, and `stats` of each of
     METRICS. Rows with the same group and seed count once. Sorted by config, dataset, arch, dense
     first, method, sparsity."""
     groups: dict[tuple, dict[int, dict[str, Any]]] = {}
     for row in rows:
-        key = tuple(row.get(k, "") if k == "config" else row[k] for k in GROUP_KEY)
+        key = tuple(row.get(k, "") if k in _OPTIONAL else row[k] for k in GROUP_KEY)
         groups.setdefault(key, {}).setdefault(int(row["seed"]), row)
     out = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "dense", k[3], k[4])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "dense", k[3], k[5], k[4])):
         by_seed = groups[key]
         seeds = sorted(by_seed)
         entry: dict[str, Any] = dict(zip(GROUP_KEY, key, strict=True))
@@ -79,7 +81,7 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
         if g["prompt_at_test"] and with_prompt != "-":
             with_prompt += "*"
         cells = ([g["config"]] if configs else []) + [
-            g["dataset"], g["arch"], g["method"], f"{g['sparsity']:.3f}", str(g["n"]),
+            g["dataset"], g["arch"], report.method_label(g), f"{g['sparsity']:.3f}", str(g["n"]),
             _cell(g["accuracy"], 100, 2), with_prompt, _cell(g["actual_sparsity"], 1, 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
