@@ -88,6 +88,25 @@ def test_summary_lists_missing_rows_and_separates_configs(tmp_path):
     assert aggregate.markdown_table(two).splitlines()[0].startswith("| config | dataset |")
 
 
+def test_configs_with_the_same_source_model_share_it(tmp_path):
+    """Ablation variants differ downstream only: one proxy source model for all of them; a config
+    whose proxy trains differently gets its own."""
+    def proxy(**fields):
+        c = config_lib.proxy_task_config(fast=True)
+        c.methods = "vpns"
+        config_lib.apply_overrides(c, fields)
+        return c
+
+    plan = sweep.plan_cells(sweep.Sweep(configs={
+        "pad": proxy(**{"prompt.pad_size": 2}),
+        "fix": proxy(**{"prompt.method": "fix", "prompt.mask_size": 21}),
+        "longer": proxy(**{"proxy.epochs": 3})}, seeds=(0,)), str(tmp_path))
+    weights = {c.config_name: c.config.weights for c in plan.cells}
+    assert weights["pad"] == weights["fix"] != weights["longer"]
+    assert [path for _, path in plan.sources] == [weights["pad"], weights["longer"]]
+    assert weights["pad"].endswith("sources/pad/proxy_resnet18.safetensors")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input (no training)
 

@@ -168,6 +168,16 @@ def source_path(directory: str, config_name: str, config: mlc.ConfigDict) -> str
                         f"proxy_{config.arch}.safetensors")
 
 
+def _source_key(config: mlc.ConfigDict) -> str:
+    """Everything `proxy.train_proxy` reads: two configs with the same key train the same model."""
+    fields = {"arch": config.arch, "width": config.model.width,
+              "small_input": config.model.small_input, "proxy": config.proxy.to_dict(),
+              "input_size": config.proxy.get("input_size") or config.input_size,
+              "seed": config.seed, "data": config.data.to_dict(), "data_dir": config.data_dir,
+              "manual_dir": config.manual_dir}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
 @dataclasses.dataclass
 class Plan:
     """A sweep's cells, its grid record (what sweep.json holds) and the shared source models to make
@@ -190,6 +200,7 @@ def plan_cells(sweep: Sweep, directory: str) -> Plan:
                 raise ConfigError(f"sweep: unknown method {m!r} (in methods entry {group!r}); known "
                                   f"methods: {', '.join(known_methods)}.")
     cells, grid_configs, sources = [], {}, []
+    shared: dict[str, str] = {}  # _source_key -> source model path
     for config_name, spec in sweep.configs.items():
         if not _NAME.match(config_name):
             raise ConfigError(f"sweep config name {config_name!r} must be letters, digits, '_', '-', "
@@ -203,8 +214,14 @@ def plan_cells(sweep: Sweep, directory: str) -> Plan:
             base.sparsities = tuple(float(s) for s in sweep.sparsities)
         source = source_path(directory, config_name, base)
         if source:
+            # Configs whose source models would be trained identically share the first one's.
+            key = _source_key(base)
+            if key in shared:
+                source = shared[key]
+            else:
+                shared[key] = source
+                sources.append((mlc.ConfigDict(base.to_dict()), source))
             base.weights = source
-            sources.append((mlc.ConfigDict(base.to_dict()), source))
         grid_configs[config_name] = experiment.config_fingerprint(base, with_methods=True)
         seeds = list(sweep.seeds) or list(base.seeds) or [int(base.seed)]
         for group in (list(sweep.methods) or [str(base.methods)]):
