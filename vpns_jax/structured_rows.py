@@ -6,9 +6,10 @@ of an experiment that has structured ones, the speedup's reference, about 1): th
 network is physically slimmed (`structured.slim.slim`), counted from its shapes (`count_params`,
 `count_flops`: multiply-adds of one image at the run's input size) and timed against the dense
 architecture with the same weights: eval-mode forwards of one batch, jitted, after `WARMUP` calls,
-`REPEATS` timed calls of each alternating (so load changes hit both), medians. It is measured on the
-run's device at the end of the run, so the number depends on that machine and its load; the
-benchmark (benchmarks/structured.py, BENCHMARKS.md) measures it on a quiet machine.
+`REPEATS` timed calls of each in rounds whose order flips (so load changes hit both), medians. It
+is measured on the run's device at the end of the run, so the number depends on that machine and
+its load (the dense run's own "speedup", dense against a copy of itself, shows the noise); the
+benchmark (benchmarks/structured.py, BENCHMARKS.md) measures larger inputs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from vpns_jax.methods import channel_select
 from vpns_jax.train import state as train_state
 
 WARMUP = 2
-REPEATS = 10
+REPEATS = 20
 SLIM_DIR = 'slim'  # WORKDIR/slim/<run>/: the slimmed export of a structured run
 
 
@@ -41,7 +42,8 @@ def _forward(model: Any) -> Any:
 def latencies(pairs: Sequence[tuple[Any, Any]], *, batch: int, input_size: int,
               repeats: int = REPEATS, warmup: int = WARMUP) -> list[float]:
     """Median seconds of one eval-mode forward of a [batch, input_size, input_size, 3] input
-    through each (model, variables), timed alternately after `warmup` untimed calls each."""
+    through each (model, variables), timed in rounds (the order reversed every other round) after
+    `warmup` untimed calls each."""
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, input_size, input_size, 3), jnp.float32)
     fns = []
     for model, variables in pairs:
@@ -51,8 +53,10 @@ def latencies(pairs: Sequence[tuple[Any, Any]], *, batch: int, input_size: int,
             fn(variables, x).block_until_ready()
         fns.append((fn, variables))
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, (fn, variables) in enumerate(fns):
+    for r in range(repeats):  # the order flips every round: neither is always first
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            fn, variables = fns[i]
             start = time.perf_counter()
             fn(variables, x).block_until_ready()
             times[i].append(time.perf_counter() - start)
@@ -93,8 +97,8 @@ def row_fields(model: Any, variables: Mapping[str, Any], masks: Mapping[str, Any
         'latency_ms': 1e3 * slim_s, 'latency_dense_ms': 1e3 * dense_s,
         'speedup': dense_s / slim_s,
         'latency_setup': (f'eval forward, batch {batch} at {input_size} px, median of {repeats} '
-                          f'alternating calls after {WARMUP} warm-up, {jax.devices()[0].platform}, '
-                          'measured at the end of the run'),
+                          f'calls each (rounds, order flipped) after {WARMUP} warm-up, '
+                          f'{jax.devices()[0].platform}, measured at the end of the run'),
     }
     if export_dir is not None:
         opts = dict(options or {})
