@@ -108,6 +108,22 @@ def test_noise_spread_and_claim_from_a_sweep(tmp_path):
         (0.999, "omp", "random"): "holds"}
 
 
+def test_findings_and_variants(tmp_path):
+    groups = _groups(_sweep(tmp_path))
+    lines = experiments_md.findings(groups)
+    assert len(lines) == 2
+    # ranked by mean: VPNs 91.00 > HYDRA 82.00 > OMP 81.00 > Random 20.00
+    assert lines[0].startswith("- **99%**: VPNs 91.00 ± 1.00, HYDRA 82.00 ± 2.00, OMP 81.00 ± 2.00, "
+                               "Random 20.00 ± 10.00.")
+    assert "holds only in part" in lines[0] and "HYDRA ≥ OMP within noise (+1.0 ± 1.6 pp)" in lines[0]
+    assert lines[1].startswith("- **99.9%**: OMP 71.00 ± 1.00,") and "is contradicted" in lines[1]
+    extra = dict(groups[1], method="vpns_w_omp")
+    main, variants = experiments_md.split_variants(groups + [extra])
+    assert [g["method"] for g in main][:3] == ["dense", "vpns", "vpns"]
+    assert [g["method"] for g in main][-2:] == ["random", "random"]
+    assert [g["method"] for g in variants] == ["vpns_w_omp"]
+
+
 def test_document_tables_and_unfinished_sweep(tmp_path):
     directory = _sweep(tmp_path, skip={("vpns", 2)})
     text = experiments_md.build(directory, figure_path=None)

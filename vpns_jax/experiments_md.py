@@ -26,7 +26,25 @@ from vpns_jax.errors import VpnsError
 
 # The paper's claim at high sparsity, as ordered pairs (better, worse) of method names.
 CLAIM = ("vpns", "hydra", "omp", "random")
-_LABELS = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random"}
+_LABELS = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "lth": "LTH",
+           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "bip": "BiP"}
+# The paper's methods in the order of its Figure 4 legend; other rows (VPNs w. X, the post-pruning
+# prompt pilot) are variants, shown in their own table and figure.
+MAIN_METHODS = ("dense", "vpns", "hydra", "bip", "omp", "lth", "snip", "grasp", "synflow", "random")
+
+
+def ordered(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups in MAIN_METHODS order, then the other methods by name (stable within a method)."""
+    def rank(g: dict[str, Any]) -> tuple:
+        m = g["method"]
+        return (MAIN_METHODS.index(m) if m in MAIN_METHODS else len(MAIN_METHODS), m)
+    return sorted(groups, key=rank)
+
+
+def split_variants(groups: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the paper's main methods, the variants) of `groups`, each `ordered`."""
+    main = [g for g in groups if g["method"] in MAIN_METHODS]
+    return ordered(main), ordered([g for g in groups if g["method"] not in MAIN_METHODS])
 NOISE_FACTOR = 2.0  # a difference counts when it exceeds this many standard errors
 
 
@@ -57,10 +75,13 @@ def pair_verdict(better: dict[str, Any], worse: dict[str, Any], *, factor: float
 
 def noise_and_spread(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per sparsity: the seed noise (the largest and the median of the methods' std over seeds) and
-    the spread between methods (max − min of their means), in percentage points."""
+    the spread between methods (max − min of their means), in percentage points; sparsities that
+    fewer than two methods have are left out."""
     out = []
     for sparsity in sorted({g["sparsity"] for g in groups if g["method"] != "dense"}):
         at = [g for g in groups if g["method"] != "dense" and g["sparsity"] == sparsity]
+        if len(at) < 2:  # e.g. an LTH round no other method has: nothing to compare
+            continue
         means = [100 * g["accuracy"]["mean"] for g in at]
         stds = sorted(100 * g["accuracy"]["std"] for g in at if g["accuracy"]["std"] is not None)
         median = None
@@ -87,6 +108,37 @@ def claim_checks(groups: Sequence[dict[str, Any]], claim: Sequence[str] = CLAIM
     return out
 
 
+def findings(groups: Sequence[dict[str, Any]], claim: Sequence[str] = CLAIM) -> list[str]:
+    """Plain sentences from the numbers: per sparsity the ranking of the methods (mean ± std), the
+    seed noise against the spread, and which of the claim's pairs hold, are reversed or are within
+    noise."""
+    lines = []
+    checks = claim_checks(groups, claim)
+    spread = {s["sparsity"]: s for s in noise_and_spread(groups)}
+    for sparsity in sorted(spread):
+        at = sorted((g for g in groups if g["sparsity"] == sparsity and g["method"] != "dense"),
+                    key=lambda g: -g["accuracy"]["mean"])
+        ranking = ", ".join(f"{_LABELS.get(g['method'], g['method'])} {_fmt(g['accuracy'])}"
+                            for g in at)
+        sp = spread[sparsity]
+        noise = "" if sp["median_std"] is None else (
+            f" The spread between methods is {sp['spread']:.1f} pp against a median seed std of "
+            f"{sp['median_std']:.1f} pp (largest {sp['max_std']:.1f}).")
+        pairs = [c for c in checks if c["sparsity"] == sparsity]
+        verdicts = "; ".join(f"{_LABELS.get(c['better'], c['better'])} ≥ "
+                             f"{_LABELS.get(c['worse'], c['worse'])} {c['verdict']} "
+                             f"({c['diff']:+.1f} ± {c['se']:.1f} pp)" if c["se"] is not None else
+                             f"{c['better']} ≥ {c['worse']} {c['verdict']}" for c in pairs)
+        claim_text = ""
+        if pairs:
+            whole = ("holds at every step" if all(c["verdict"] == "holds" for c in pairs) else
+                     "is contradicted" if any(c["verdict"] == "reversed" for c in pairs) else
+                     "holds only in part (the other steps are within noise)")
+            claim_text = f" The claim {whole}: {verdicts}."
+        lines.append(f"- **{100 * sparsity:g}%**: {ranking}.{noise}{claim_text}")
+    return lines
+
+
 def _fmt(value: dict[str, Any] | None) -> str:
     if value is None:
         return "-"
@@ -100,7 +152,7 @@ def method_table(groups: Sequence[dict[str, Any]], metric: str = "accuracy") -> 
     own column (it has one sparsity, 0)."""
     sparsities = sorted({g["sparsity"] for g in groups if g["method"] != "dense"})
     methods: list[str] = []
-    for g in groups:
+    for g in ordered(groups):
         if g["method"] not in methods:
             methods.append(g["method"])
     index = {(g["method"], g["sparsity"]): g for g in groups}
@@ -163,11 +215,14 @@ def build(directory: str, *, figure_path: str | None = None, out_dir: str = ".")
     groups = summary["groups"]
     if not groups:
         raise VpnsError(f"the sweep in {directory} has no finished runs yet.")
+    main, variants = split_variants(groups)
+    shown = os.path.relpath(directory)
+    if shown.startswith(".."):
+        shown = os.path.abspath(directory)
     parts = ["# Experiments", ""]
-    parts.append("Generated by `python -m vpns_jax.experiments_md --dir "
-                 f"{os.path.relpath(directory)}` on "
-                 f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC from the sweep's own "
-                 "results; do not edit by hand.")
+    parts.append(f"Generated on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by "
+                 f"`python -m vpns_jax.experiments_md --dir {shown}` from that sweep's own results "
+                 "(`bash scripts/benchmark.sh` runs the sweep and then this); do not edit by hand.")
     parts += ["", "## Offline proxy benchmark", "",
               "**This is a proxy, not the paper's setting.** No ImageNet weights or paper datasets are "
               "reachable offline, so a small source model trained here on Fashion-MNIST stands in for "
@@ -178,22 +233,38 @@ def build(directory: str, *, figure_path: str | None = None, out_dir: str = ".")
     if not summary["complete"]:
         parts += ["", f"**Unfinished:** {summary['cells_done']}/{summary['cells']} cells, "
                   f"{len(summary['missing'])} rows missing; the tables show what exists."]
+    parts += ["", "### What the data say", "",
+              "Per sparsity, the methods ranked by mean test accuracy (mean ± sample std over "
+              "seeds), and the paper's claim "
+              f"{' ≥ '.join(_LABELS.get(m, m) for m in CLAIM)} tested pair by pair (below):", ""]
+    parts += findings(main)
     parts += ["", "### Test accuracy (%), mean ± sample std over seeds", "",
               "Each method's headline number: test images without the prompt, as the released "
-              "code evaluates VPNs (reference §4.4), except the methods that evaluate with their "
-              "prompt by design (VPNs w. X, the post-pruning prompt).", "", method_table(groups), ""]
-    with_prompt = [g for g in groups if g["accuracy_with_prompt"] is not None]
-    if with_prompt:
-        parts += ["Accuracy with the learned prompt at test (methods that train one):", "",
-                  method_table(with_prompt, "accuracy_with_prompt"), ""]
+              "code evaluates VPNs (reference §4.4).", "", method_table(main), ""]
+    prompted = [g for g in main if g["accuracy_with_prompt"] is not None and not g["prompt_at_test"]]
+    if prompted:
+        parts += ["The same runs evaluated with their learned prompt:", "",
+                  method_table(prompted, "accuracy_with_prompt"), ""]
     if figure_path:
         from vpns_jax import figures
-        path = figures.accuracy_vs_sparsity(summary, figure_path)
+        path = figures.accuracy_vs_sparsity({**summary, "groups": main}, figure_path)
         parts += [f"![accuracy against sparsity]({os.path.relpath(path, out_dir)})", ""]
+    if variants:
+        parts += ["Variants (paper Fig. 7, VPNs w. X: the baseline's mask, then VPNs' prompt + "
+                  "weight tuning; Fig. 1, vp_after_X: a prompt trained on a pruned network, "
+                  "zero-shot or with fine-tuning); these evaluate with their prompt:", "",
+                  method_table(variants), ""]
+        if figure_path:
+            root, ext = os.path.splitext(figure_path)
+            path = figures.accuracy_vs_sparsity(
+                {**summary, "groups": [g for g in groups if g["method"] in ("dense", "vpns")]
+                 + variants}, f"{root}_variants{ext}")
+            parts += [f"![variants against sparsity]({os.path.relpath(path, out_dir)})", ""]
     parts += ["### Seed noise against the spread between methods", "",
+              "Over the paper's main methods (dense excluded).", "",
               "| sparsity | methods | spread of means (pp) | largest seed std (pp) | median seed std (pp) "
               "| best | worst |", "|---|---|---|---|---|---|---|"]
-    for s in noise_and_spread(groups):
+    for s in noise_and_spread(main):
         def pp(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}"
         parts.append(f"| {100 * s['sparsity']:g}% | {s['methods']} | {pp(s['spread'])} "
@@ -204,7 +275,7 @@ def build(directory: str, *, figure_path: str | None = None, out_dir: str = ".")
               f"{NOISE_FACTOR:g} standard errors, 'reversed' when it is below minus that, else "
               "'within noise'.", "",
               "| sparsity | pair | difference (pp) | SE (pp) | verdict |", "|---|---|---|---|---|"]
-    for c in claim_checks(groups):
+    for c in claim_checks(main):
         se = "-" if c["se"] is None else f"{c['se']:.2f}"
         parts.append(f"| {100 * c['sparsity']:g}% | {c['better']} ≥ {c['worse']} | {c['diff']:+.2f} "
                      f"| {se} | {c['verdict']} |")
