@@ -278,6 +278,9 @@ def test_fixed_masks_zero_whole_channels_consistently_across_each_group(structur
         assert set(again) == set(masks)
         for path, m in masks.items():  # one channel vector per group explains every mask
             np.testing.assert_array_equal(np.asarray(again[path], bool), m, err_msg=path)
+        convs = sum(g.size * len(g.producers) for g in groups)  # each conv's channels
+        kept_convs = sum(int(np.sum(kept[g.name])) * len(g.producers) for g in groups)
+        assert rows[name]['conv_channel_sparsity'] == pytest.approx(1 - kept_convs / convs)
         flat = traverse_util.flatten_dict(tree['params'], sep='/')
         for g in groups:
             off = ~kept[g.name]

@@ -91,6 +91,8 @@ def row_fields(model: Any, variables: Mapping[str, Any], masks: Mapping[str, Any
     fields = {
         'channel_sparsity': float(summary['sparsity']), 'channels_kept': int(summary['kept']),
         'channels_total': int(summary['channels']),
+        # the same counted per conv (a residual group's channel once per conv producing it)
+        'conv_channel_sparsity': float(summary['conv_sparsity']),
         'params': slim.count_params(slim_variables), 'params_dense': slim.count_params(variables),
         'flops': slim.count_flops(slim_model, input_size),
         'flops_dense': slim.count_flops(model, input_size),
