@@ -21,7 +21,7 @@ the reference setting (1e-5 x 0.01 x 10 epochs x 196 steps on CIFAR-100 ~ 1e-4 x
 The speedup column is measured at the end of each run (eval forward of one batch of 64 at 32 px on
 this machine): at this tiny width and input it is mostly dispatch overhead, see BENCHMARKS.md for
 ResNet-18 at 224 px. Argument `fast` (one sparsity, 1 epoch per stage) for a smoke run.
-Measured 2026-12-01 (project at 0194280): 16 min wall for the 16 runs on the shared 2-core machine
+Measured 2026-12-01, 18:12-18:28 UTC: 16 min wall for the 16 runs on the shared 2-core machine
 (load average 5-14), the source model copied from workdirs/proxy_compare (training it adds about
 2-4 min); channel VPNs' mask finding compiles once per channel sparsity (its threshold count is
 static), the other stages once in all.
