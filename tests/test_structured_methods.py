@@ -371,3 +371,28 @@ def test_bad_input_is_one_clear_line():
         with pytest.raises(ConfigError, match=pattern) as e:
             fn()
         assert '\n' not in str(e.value)
+
+
+def test_an_unreachable_channel_sparsity_is_refused_before_anything_trains(proxy_weights, tmp_path,
+                                                                          monkeypatch):
+    """Width-0.25 ResNet-18: 720 channels in 12 groups; the three capped ones (16 channels each)
+    lose at most 4, the nine others all but one: at most 12 + 663 = 675 (93.75%) can go, so 0.95
+    (684) is refused at setup, naming the method and the capped layers, not after a warm-up."""
+    from test_experiment import small_config
+
+    c = small_config(proxy_weights)
+    c.methods, c.sparsities = 'channel_vpns', (0.95,)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError('a stage trained before the unreachable sparsity was refused')
+
+    monkeypatch.setattr(experiment.train, 'run_stage', no_training)
+    with pytest.raises(ConfigError, match=r'channel_vpns at sparsity 0.95: .*prunes 684 of 720 '
+                       r'channels, but at most 675 can go.*conv1') as e:
+        experiment.run(c, str(tmp_path / 'w'))
+    assert '\n' not in str(e.value)
+    assert not os.path.exists(os.path.join(tmp_path, 'w', 'config.json'))
+    # 'layer' scope (every group at its own fraction) can always be met: not refused
+    c.methods, c.depgraph.scope = 'depgraph', 'layer'
+    assert experiment.plan(c) and channel_select.check_reachable(
+        experiment.plan(c), _groups(c)[1]) is None

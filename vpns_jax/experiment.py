@@ -280,6 +280,7 @@ def setup(config: mlc.ConfigDict, workdir: str, writable: bool = True,
                 f"classes of {config.dataset} to a distinct one of the model's {num_source} classes, "
                 "which is impossible; use --config.label_mapping=new_head.")
     _check_transfer(config, model)
+    _check_channel_targets(runs, config, model)
     mesh = parallel.make_mesh()
     parallel.global_batch_size_check(config.batch_size, mesh)
     shard = {"shard_index": info.process_index, "shard_count": info.process_count}
@@ -355,6 +356,22 @@ def _check_transfer(config: mlc.ConfigDict, model: Any) -> None:
     flat = sparsity.flatten_params(shapes["params"])
     transfer.check_shapes(source, {p: tuple(flat[p].shape)
                                    for p in sparsity.prunable_paths(shapes["params"])})
+
+
+def _check_channel_targets(runs: list[Run], config: mlc.ConfigDict, model: Any) -> None:
+    """Structured runs: every channel sparsity can be pruned under its cap on this model's channel
+    groups (shapes only); ConfigError naming the method and the capped layers otherwise, before
+    anything trains."""
+    if not any(r.structured for r in runs):
+        return
+    from vpns_jax.methods import channel_select
+    from vpns_jax.train import state as train_state
+
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
+                                                          config.input_size))
+    groups = train_state.channel_groups_of(model, shapes["params"], shapes.get("batch_stats", {}),
+                                           config.input_size)
+    channel_select.check_reachable(runs, groups)
 
 
 def prompt_spec(config: mlc.ConfigDict) -> prompts.PromptSpec:

@@ -39,8 +39,9 @@ NORMALIZERS = ('mean', 'max', 'sum', 'none')
 SCOPES = ('global', 'layer')
 
 __all__ = ['CRITERIA', 'ChannelMaskFrom', 'InitChannelScores', 'bn_scale_importance',
-           'channel_masks_of', 'fixed_masks', 'importance', 'init_scores', 'magnitude_importance',
-           'normalized', 'read_cap', 'select', 'selection_options', 'supported_archs']
+           'channel_masks_of', 'check_reachable', 'fixed_masks', 'importance', 'init_scores',
+           'magnitude_importance', 'normalized', 'read_cap', 'select', 'selection_options',
+           'supported_archs']
 
 
 def supported_archs() -> tuple[str, ...]:
@@ -70,6 +71,27 @@ def read_cap(opts: Any) -> float:
 def selection_options(opts: Any) -> tuple[float, str]:
     """(cap, scope) of a selection-based method (Slim, DepGraph), validated."""
     return read_cap(opts), opts.one_of('scope', SCOPES)
+
+
+def check_reachable(runs: Sequence[Any], groups: Sequence[Any]) -> None:
+    """ConfigError (one line, naming the method and the capped layers) when a structured run's
+    global channel threshold cannot prune its target under its cap: checked on the model's groups
+    before anything trains (a 'channel' stage would otherwise fail after its warm-up). runs:
+    `plan.Run`s (unstructured ones are skipped); groups: the model's channel groups."""
+    from vpns_jax.structured import channels
+
+    for run in runs:
+        if not run.structured:
+            continue
+        targets = [(1.0 - st.density, st.channel_cap) for st in run.stages
+                   if st.mask_mode == 'channel']
+        targets += [(1.0 - a.density, a.cap) for st in run.stages for a in st.start
+                    if isinstance(a, ChannelMaskFrom) and a.scope == 'global']
+        for sparsity, cap in targets:
+            try:
+                channels.pruned_channel_count(tuple(groups), sparsity, cap)
+            except ConfigError as e:
+                raise ConfigError(f'{run.method} at sparsity {run.sparsity:g}: {e}') from None
 
 
 def init_scores(groups: Sequence[Any], rng: jax.Array) -> dict[str, jax.Array]:
