@@ -396,3 +396,16 @@ def test_an_unreachable_channel_sparsity_is_refused_before_anything_trains(proxy
     c.methods, c.depgraph.scope = 'depgraph', 'layer'
     assert experiment.plan(c) and channel_select.check_reachable(
         experiment.plan(c), _groups(c)[1]) is None
+
+
+def test_a_structured_run_as_transfer_source_is_one_clear_line(structured_run):
+    """config.mask_from takes an unstructured run's mask; a structured run's (whole channels,
+    BatchNorm entries included) is refused saying so, not as a mask 'found on another model'."""
+    from vpns_jax import transfer
+
+    config, workdir, _ = structured_run
+    c = config.copy_and_resolve_references()
+    c.methods, c.mask_from = 'vpns', os.path.join(workdir, f'slim_s{SPARSITY:g}')
+    with pytest.raises(ConfigError, match=r'slim_s0.3 is a structured run .*unstructured') as e:
+        transfer.source(c)
+    assert '\n' not in str(e.value)

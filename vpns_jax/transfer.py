@@ -10,9 +10,9 @@ sparsity is the source mask's (its row's target sparsity; config.sparsities is n
 line says so); its results row carries `mask_from` = '<source dataset>/<RUN>'.
 
 Refused before anything trains, one line each: a missing source workdir, a run that is not finished
-(no or an unreadable `final/<RUN>`), a source without a mask (dense), a source of another
-architecture, width or stem (`check_config`), and a mask whose layers or shapes do not match this
-model's prunable kernels (`check_shapes`, naming the layer).
+(no or an unreadable `final/<RUN>`), a source without a mask (dense), a structured (channel) run,
+a source of another architecture, width or stem (`check_config`), and a mask whose layers or shapes
+do not match this model's prunable kernels (`check_shapes`, naming the layer).
 """
 from __future__ import annotations
 
@@ -115,6 +115,10 @@ def load(spec: str) -> Source:
     masks = {p: np.asarray(m, bool) for p, m in dict(tree.get("masks", {})).items()}
     if not masks:
         _fail(spec, f"{run} has no mask (a dense run); name a pruned run of {workdir}.")
+    if any(m.ndim < 2 for m in masks.values()):  # BatchNorm / bias entries: whole channels
+        _fail(spec, f"{run} is a structured run (its mask removes whole channels, BatchNorm "
+              "included) and config.mask_from transfers an unstructured run's mask; name an "
+              f"unstructured pruned run of {workdir}.")
     source = Source(spec=str(spec), path=path, run=run, dataset=str(meta.get("dataset", "")),
                     arch=str(meta.get("arch", "")), options=dict(meta.get("options", {})),
                     sparsity=float(meta["sparsity"]), masks=masks, digest=mask_digest(masks))
