@@ -50,6 +50,9 @@ def main(full_dir: str, other_dir: str, mode: str) -> int:
     big = tree(24, 100_000)
     with RunCheckpointer(d) as c:
         c.save(1, big, {})
+    # Ctrl-C as in a terminal, also when this process was started with SIGINT ignored (a test run
+    # in the background)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         with RunCheckpointer(d) as c:

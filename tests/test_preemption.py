@@ -89,14 +89,16 @@ def _run(stops=None, bad=None, on_nonfinite='stop', start=(0, 0)):
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_epoch_saves_after_that_iteration_and_stops(sig):
+    # what was installed before (SIGINT is SIG_IGN in a process started in the background)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     stops = _SignalAt(2, sig)
     with stops.stops, pytest.raises(preemption.Stopped, match=signal.Signals(sig).name):
+        assert signal.getsignal(sig) is not before[sig]  # our handler is in place
         _run(stops)
     # checked after iteration 2 of epoch 0: the state after 2 iterations is saved as (0, 2)
     assert stops.calls == 2
     # the handlers are back as they were
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_a_signal_at_an_epochs_last_iteration_saves_after_the_epoch_hooks():

@@ -165,7 +165,7 @@ def test_bad_sources_are_one_line_before_training(source, tmp_path):
     msg = _error(_target(source, **{"model.width": 0.5}))
     assert "width=0.25 and config.model.width = 0.5" in msg
     msg = _error(_target(source, methods="bip"))
-    assert "method 'bip' has no tuning stage" in msg and "vpns, hydra" in msg
+    assert "method 'bip' cannot tune a given (unstructured) mask" in msg and "vpns, hydra" in msg
     msg = _error(_target(source, **{"vpns.prompt_stages": "mask_finding"}))
     assert "prompt_stages = 'mask_finding'" in msg
 

@@ -95,7 +95,7 @@ def runs(config: mlc.ConfigDict, name: str) -> list[Run]:
         return list(method.plan(config))
     if not hasattr(method, 'transfer'):
         able = [n for n, m in REGISTRY.items() if hasattr(m, 'transfer')]
-        raise ConfigError(f'config.mask_from: method {name!r} has no tuning stage to run on a given '
+        raise ConfigError(f'config.mask_from: method {name!r} cannot tune a given (unstructured) '
                           f'mask; the methods that tune a transferred mask: {", ".join(able)}.')
     run = method.transfer(config, source.mask_source(), source.sparsity)
     return [dataclasses.replace(run, mask_from=source.label)]
