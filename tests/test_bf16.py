@@ -341,23 +341,18 @@ def _run_config(weights: str, dtype: str, seed: int = 7):
 
 
 @pytest.fixture(scope="module")
-def proxy_weights(tmp_path_factory):
-    """The Fashion-MNIST proxy source model (float32, whatever the run's dtype), trained once."""
-    from test_experiment import FASHION
-
-    if not os.path.isdir(FASHION):
-        pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it as root)")
-    base = tmp_path_factory.mktemp("bf16")
-    weights = str(base / "proxy.safetensors")
-    experiment.setup(_run_config(weights, "float32"), str(base / "setup"))
-    return weights
+def weights(proxy_weights, tmp_path_factory):
+    """The session's Fashion-MNIST proxy source model (small_config's, float32 whatever the run's
+    dtype), with the digits dataset prepared."""
+    experiment.setup(_run_config(proxy_weights, "float32"), str(tmp_path_factory.mktemp("bf16")))
+    return proxy_weights
 
 
 def _accuracies(results) -> dict[str, float]:
     return {r["method"]: r["accuracy"] for r in results["runs"]}
 
 
-def test_bfloat16_accuracy_within_tolerance_of_float32(proxy_weights, tmp_path):
+def test_bfloat16_accuracy_within_tolerance_of_float32(weights, tmp_path):
     """Dense and VPNs on the small digits task, float32 vs bfloat16, from the same proxy weights.
 
     bf16 - float32 test accuracy measured over seeds 7, 0, 1, 2, 3 (2 CPU cores, jax 0.10.2):
@@ -371,7 +366,7 @@ def test_bfloat16_accuracy_within_tolerance_of_float32(proxy_weights, tmp_path):
     acc, finals = {}, {}
     for dtype in ("float32", "bfloat16"):
         workdir = str(tmp_path / dtype)
-        acc[dtype] = _accuracies(experiment.run(_run_config(proxy_weights, dtype), workdir))
+        acc[dtype] = _accuracies(experiment.run(_run_config(weights, dtype), workdir))
         finals[dtype] = checkpoint.load_final(os.path.join(workdir, "final", "vpns_s0.5"))[0]
     for method in ("dense", "vpns"):
         assert acc["float32"][method] > 0.4, acc  # far above chance (0.1): both runs learned

@@ -36,11 +36,10 @@ def quick(config, methods_: str, sparsities: tuple[float, ...]) -> mlc.ConfigDic
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """Proxy source weights (Fashion-MNIST), trained once for this module."""
-    base = tmp_path_factory.mktemp("every")
-    config = small_config(str(base / "proxy.safetensors"))
-    experiment.setup(config, str(base / "setup"))  # trains and saves the proxy weights
+def weights(proxy_weights, tmp_path_factory):
+    """small_config on the session's proxy source weights (Fashion-MNIST), digits prepared."""
+    config = small_config(proxy_weights)
+    experiment.setup(config, str(tmp_path_factory.mktemp("every") / "setup"))
     return config
 
 
