@@ -59,7 +59,8 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(value: dict[str, Any] | None, scale: float, digits: int) -> str:
+def format_stat(value: dict[str, Any] | None, scale: float = 100, digits: int = 2) -> str:
+    """A `stats` dict as 'mean ± std' (scaled, e.g. 100 for %); '-' for None, the mean alone for n = 1."""
     if value is None:
         return "-"
     mean = f"{scale * value['mean']:.{digits}f}"
@@ -77,12 +78,12 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
         "dataset", "arch", "method", "sparsity", "n", "acc %", "acc + VP %", "actual sparsity"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
-        with_prompt = _cell(g["accuracy_with_prompt"], 100, 2)
+        with_prompt = format_stat(g["accuracy_with_prompt"], 100, 2)
         if g["prompt_at_test"] and with_prompt != "-":
             with_prompt += "*"
         cells = ([g["config"]] if configs else []) + [
             g["dataset"], g["arch"], report.method_label(g), f"{g['sparsity']:.3f}", str(g["n"]),
-            _cell(g["accuracy"], 100, 2), with_prompt, _cell(g["actual_sparsity"], 1, 4)]
+            format_stat(g["accuracy"], 100, 2), with_prompt, format_stat(g["actual_sparsity"], 1, 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -83,13 +84,10 @@ def noise_and_spread(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(at) < 2:  # e.g. an LTH round no other method has: nothing to compare
             continue
         means = [100 * g["accuracy"]["mean"] for g in at]
-        stds = sorted(100 * g["accuracy"]["std"] for g in at if g["accuracy"]["std"] is not None)
-        median = None
-        if stds:
-            mid = len(stds) // 2
-            median = stds[mid] if len(stds) % 2 else (stds[mid - 1] + stds[mid]) / 2
+        stds = [100 * g["accuracy"]["std"] for g in at if g["accuracy"]["std"] is not None]
         out.append({"sparsity": sparsity, "methods": len(at), "spread": max(means) - min(means),
-                    "max_std": stds[-1] if stds else None, "median_std": median,
+                    "max_std": max(stds, default=None),
+                    "median_std": statistics.median(stds) if stds else None,
                     "best": max(at, key=lambda g: g["accuracy"]["mean"])["method"],
                     "worst": min(at, key=lambda g: g["accuracy"]["mean"])["method"]})
     return out
@@ -118,7 +116,7 @@ def findings(groups: Sequence[dict[str, Any]], claim: Sequence[str] = CLAIM) -> 
     for sparsity in sorted(spread):
         at = sorted((g for g in groups if g["sparsity"] == sparsity and g["method"] != "dense"),
                     key=lambda g: -g["accuracy"]["mean"])
-        ranking = ", ".join(f"{_LABELS.get(g['method'], g['method'])} {_fmt(g['accuracy'])}"
+        ranking = ", ".join(f"{_LABELS.get(g['method'], g['method'])} {aggregate.format_stat(g['accuracy'])}"
                             for g in at)
         sp = spread[sparsity]
         noise = "" if sp["median_std"] is None else (
@@ -139,14 +137,6 @@ def findings(groups: Sequence[dict[str, Any]], claim: Sequence[str] = CLAIM) -> 
     return lines
 
 
-def _fmt(value: dict[str, Any] | None) -> str:
-    if value is None:
-        return "-"
-    if value["std"] is None:
-        return f"{100 * value['mean']:.2f}"
-    return f"{100 * value['mean']:.2f} ± {100 * value['std']:.2f}"
-
-
 def method_table(groups: Sequence[dict[str, Any]], metric: str = "accuracy") -> str:
     """Methods as rows, sparsities as columns: mean ± std (%) of `metric` over seeds; dense in its
     own column (it has one sparsity, 0)."""
@@ -161,12 +151,12 @@ def method_table(groups: Sequence[dict[str, Any]], metric: str = "accuracy") -> 
     for m in methods:
         if m == "dense":
             g = next(g for g in groups if g["method"] == "dense")
-            cells = [_fmt(g[metric])] * len(sparsities)
+            cells = [aggregate.format_stat(g[metric])] * len(sparsities)
             lines.append(f"| dense (no pruning) | {g['n']} | " + " | ".join(cells) + " |")
             continue
         row = [index.get((m, s)) for s in sparsities]
         n = max((g["n"] for g in row if g), default=0)
-        cells = [_fmt(g[metric]) if g else "-" for g in row]
+        cells = [aggregate.format_stat(g[metric]) if g else "-" for g in row]
         lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -282,15 +272,15 @@ def build(directory: str, *, figure_path: str | None = None, out_dir: str = ".")
     workdirs = [os.path.join(directory, c["dir"]) for c in grid["cells"]
                 if os.path.isfile(os.path.join(directory, c["dir"], report.RESULTS_FILE))]
     rows = [r for w in workdirs for r in report.load_results(w)["runs"]]
-    parts += ["", "### Cost", "", _cost_line(directory, rows), "",
+    parts += ["", "### Cost", "", _cost_line(directory), "",
               report.format_cost_table(rows), "",
               "The full table with the actual sparsities:", "",
               aggregate.markdown_table(groups), ""]
     return "\n".join(parts)
 
 
-def _cost_line(directory: str, rows: Sequence[dict[str, Any]]) -> str:
-    """Total wall time of the sweep from its cells' records (shared stages counted once per cell)."""
+def _cost_line(directory: str) -> str:
+    """The sweep's total wall time (scripts/benchmark.sh's record) and the machine."""
     record = os.path.join(directory, "benchmark_time.json")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     if os.path.isfile(record):

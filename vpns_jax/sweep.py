@@ -170,9 +170,11 @@ def source_path(directory: str, config_name: str, config: mlc.ConfigDict) -> str
 
 def _source_key(config: mlc.ConfigDict) -> str:
     """Everything `proxy.train_proxy` reads: two configs with the same key train the same model."""
+    from vpns_jax import proxy
+
     fields = {"arch": config.arch, "width": config.model.width,
               "small_input": config.model.small_input, "proxy": config.proxy.to_dict(),
-              "input_size": config.proxy.get("input_size") or config.input_size,
+              "input_size": proxy.input_size(config),
               "seed": config.seed, "data": config.data.to_dict(), "data_dir": config.data_dir,
               "manual_dir": config.manual_dir}
     return json.dumps(fields, sort_keys=True, default=str)

@@ -73,6 +73,23 @@ def selection_options(opts: Any) -> tuple[float, str]:
     return read_cap(opts), opts.one_of('scope', SCOPES)
 
 
+def select_then_tune_runs(name: str, config: Any, opts: Any, importance: str,
+                          options: tuple, before: tuple = ()) -> list[Any]:
+    """The runs of a selection-based method (Slim, DepGraph): for each sparsity, the `before`
+    stages, then the tuning stage, which starts by selecting channels by `importance` (with the
+    method's cap, scope and importance `options`) and mapping labels."""
+    from vpns_jax.methods.plan import LabelMap, Run, sparsity_levels, tuning_stage
+    from vpns_jax.train.stages import UNPROMPTED
+
+    cap, scope = selection_options(opts)
+    runs = []
+    for s in sparsity_levels(config):
+        select = ChannelMaskFrom(importance, 1.0 - s, cap, scope, options)
+        tune = tuning_stage(opts, 'tuning', start=(select, LabelMap()), passes=UNPROMPTED)
+        runs.append(Run(name, s, (*before, tune), structured=True))
+    return runs
+
+
 def check_reachable(runs: Sequence[Any], groups: Sequence[Any]) -> None:
     """ConfigError (one line, naming the method and the capped layers) when a structured run's
     global channel threshold cannot prune its target under its cap: checked on the model's groups

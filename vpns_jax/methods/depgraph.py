@@ -18,13 +18,10 @@ import ml_collections as mlc
 
 from vpns_jax.methods import channel_select
 from vpns_jax.methods.plan import (
-    ChannelMaskFrom,
     LabelMap,
     Options,
     Run,
-    sparsity_levels,
     train_block,
-    tuning_stage,
 )
 from vpns_jax.train.stages import UNPROMPTED, Stage
 
@@ -47,7 +44,6 @@ def default_config() -> mlc.ConfigDict:
 def plan(config: mlc.ConfigDict) -> list[Run]:
     opts = Options.of(config, NAME)
     channel_select.check_arch(config.arch, NAME)
-    cap, scope = channel_select.selection_options(opts)
     options = (('bias', opts.flag('bias')),
                ('normalizer', opts.one_of('normalizer', channel_select.NORMALIZERS)),
                ('p', opts.number('p', minimum=0.0, strict=True)),
@@ -56,9 +52,4 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
     if opts.epochs('warmup'):
         before = (Stage('depgraph_warmup', opts.epochs('warmup'), params=opts.optimizer('warmup'),
                         passes=UNPROMPTED, mask_mode='none', start=(LabelMap(),)),)
-    runs = []
-    for s in sparsity_levels(config):
-        select = ChannelMaskFrom('magnitude', 1.0 - s, cap, scope, options)
-        tune = tuning_stage(opts, 'tuning', start=(select, LabelMap()), passes=UNPROMPTED)
-        runs.append(Run(NAME, s, before + (tune,), structured=True))
-    return runs
+    return channel_select.select_then_tune_runs(NAME, config, opts, 'magnitude', options, before)

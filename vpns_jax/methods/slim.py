@@ -20,13 +20,10 @@ import ml_collections as mlc
 from vpns_jax.errors import ConfigError
 from vpns_jax.methods import channel_select
 from vpns_jax.methods.plan import (
-    ChannelMaskFrom,
     LabelMap,
     Options,
     Run,
-    sparsity_levels,
     train_block,
-    tuning_stage,
 )
 from vpns_jax.train.stages import UNPROMPTED, Stage
 
@@ -51,15 +48,9 @@ def plan(config: mlc.ConfigDict) -> list[Run]:
     if config.arch == 'vgg16':
         raise ConfigError("config.arch = 'vgg16' has no BatchNorm, and Slim prunes by BatchNorm "
                           "scales; use vgg16_bn, or method depgraph / channel_vpns.")
-    cap, scope = channel_select.selection_options(opts)
     options = (('normalizer', opts.one_of('normalizer', channel_select.NORMALIZERS)),
                ('reduction', opts.one_of('reduction', channel_select.REDUCTIONS)))
     sparse = Stage('slim_sparse', opts.epochs('sparse'), params=opts.optimizer('sparse'),
                    passes=UNPROMPTED, mask_mode='none', bn_l1=opts.number('l1'),
                    start=(LabelMap(),))
-    runs = []
-    for s in sparsity_levels(config):
-        select = ChannelMaskFrom('bn_scale', 1.0 - s, cap, scope, options)
-        tune = tuning_stage(opts, 'tuning', start=(select, LabelMap()), passes=UNPROMPTED)
-        runs.append(Run(NAME, s, (sparse, tune), structured=True))
-    return runs
+    return channel_select.select_then_tune_runs(NAME, config, opts, 'bn_scale', options, (sparse,))
